@@ -1,0 +1,310 @@
+"""Heads: small trainable modules that turn a window of frozen backbone tokens into logits.
+
+Every head takes a window ``(B, T, 1 + n, D)`` (row 0 of each frame is the backbone's CLS
+token, rows 1.. its patch tokens) and returns logits ``(B, num_classes)``.
+
+Kinds (the ``kind`` field of a manifest head, see :data:`HEAD_KINDS`):
+
+* ``step``: STEP (SPEC section 1): frame-wise learnable temporal PE added to every patch
+  token *before* attention, one global CLS token, one bare multi-head self-attention layer,
+  mean pooling over all output tokens, one linear classifier.  Ablation switches of the
+  papers are constructor arguments.
+* ``self_attention``: the self-attention probing baseline (frame patch + CLS tokens, a
+  standard transformer block, mean pooling) -- expressed as a preset of the same class.
+* ``attentive``: attentive probing (V-JEPA / CoCa pooler): one learnable query
+  cross-attends over all tokens, with its MLP; permutation invariant by construction.
+* ``linear``: mean of the frame CLS tokens, then a linear (or small MLP) classifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PEType = Literal["learnable", "sinusoidal", "hybrid", "none"]
+PEScope = Literal["frame", "token"]
+PEPosition = Literal["before", "after"]
+TokenSet = Literal["patch", "cls", "both"]
+BlockType = Literal["attention", "attention_ln_skip", "full"]
+
+
+def select_tokens(window: torch.Tensor, tokens: TokenSet) -> torch.Tensor:
+    """(B, T, 1 + n, D) -> (B, T, m, D) with the frame tokens a head looks at."""
+    if tokens == "patch":
+        return window[:, :, 1:]
+    if tokens == "cls":
+        return window[:, :, :1]
+    if tokens == "both":
+        return window
+    raise ValueError(f"tokens must be 'patch', 'cls' or 'both', got {tokens!r}")
+
+
+def sinusoidal_table(positions: int, dim: int) -> torch.Tensor:
+    """Fixed sine/cosine table (Vaswani et al.), one row per frame position."""
+    pos = torch.arange(positions, dtype=torch.float64)[:, None]
+    i = torch.arange(0, dim, 2, dtype=torch.float64)
+    angle = pos / (10000.0 ** (i / dim))
+    table = torch.zeros(positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angle)
+    table[:, 1::2] = torch.cos(angle[:, : dim // 2])
+    return table.float()
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection and a fused SDPA kernel.
+
+    The parameter layout (``qkv``: D -> 3D, rows q|k|v; ``proj``: D -> D) is what the exact
+    streaming engine (:mod:`step_ros.model.fast_step`) and ONNX export rely on.
+    """
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide the token width {dim}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class StepHead(nn.Module):
+    """STEP head (and, through its switches, the self-attention probing baseline)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        frames: int,
+        num_tokens: int,
+        num_heads: int = 8,
+        pe: PEType = "learnable",
+        pe_scope: PEScope = "frame",
+        pe_position: PEPosition = "before",
+        global_cls: bool = True,
+        tokens: TokenSet = "patch",
+        block: BlockType = "attention",
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.frames, self.pe, self.pe_scope, self.pe_position = frames, pe, pe_scope, pe_position
+        self.tokens, self.block = tokens, block
+        per_frame = {"patch": num_tokens, "cls": 1, "both": num_tokens + 1}[tokens]
+        pe_shape = (frames, 1, dim) if pe_scope == "frame" else (frames, per_frame, dim)
+        if pe in ("learnable", "hybrid"):
+            self.temporal_pe = nn.Parameter(torch.zeros(pe_shape))
+            nn.init.trunc_normal_(self.temporal_pe, std=0.02)
+        if pe in ("sinusoidal", "hybrid"):
+            fixed = sinusoidal_table(frames, dim)[:, None, :].expand(pe_shape).clone()
+            self.register_buffer("fixed_pe", fixed, persistent=False)
+        if pe not in ("learnable", "sinusoidal", "hybrid", "none"):
+            raise ValueError(f"pe must be learnable, sinusoidal, hybrid or none, got {pe!r}")
+        if global_cls:
+            self.global_cls = nn.Parameter(torch.zeros(1, 1, dim))
+            nn.init.trunc_normal_(self.global_cls, std=0.02)
+        else:
+            self.global_cls = None
+        self.attn = MultiHeadAttention(dim, num_heads)
+        if block in ("attention_ln_skip", "full"):
+            self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        if block == "full":
+            self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+            self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        if block not in ("attention", "attention_ln_skip", "full"):
+            raise ValueError(f"block must be attention, attention_ln_skip or full, got {block!r}")
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def positional(self) -> torch.Tensor | None:
+        """Temporal PE of shape (T, 1 or m, D), or None."""
+        if self.pe == "none":
+            return None
+        pe = 0.0
+        if self.pe in ("learnable", "hybrid"):
+            pe = pe + self.temporal_pe
+        if self.pe in ("sinusoidal", "hybrid"):
+            pe = pe + self.fixed_pe
+        return pe
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        if self.block == "attention":
+            return self.attn(x)
+        x = x + self.attn(self.norm1(x))
+        if self.block == "full":
+            x = x + self.mlp(self.norm2(x))
+        return x
+
+    def pooled(self, window: torch.Tensor) -> torch.Tensor:
+        """The mean-pooled attention output p (B, D) that the classifier reads."""
+        x = select_tokens(window, self.tokens)
+        b, t, m, d = x.shape
+        if t != self.frames:
+            raise ValueError(f"head expects {self.frames} frames, window has {t}")
+        pe = self.positional()
+        if pe is not None and self.pe_position == "before":
+            x = x + pe
+        x = x.reshape(b, t * m, d)
+        if self.global_cls is not None:
+            x = torch.cat([self.global_cls.expand(b, -1, -1), x], dim=1)
+        y = self.attend(x)
+        if pe is not None and self.pe_position == "after":
+            start = 0 if self.global_cls is None else 1
+            frames_out = y[:, start:].reshape(b, t, m, d) + pe
+            y = torch.cat([y[:, :start], frames_out.reshape(b, t * m, d)], dim=1)
+        return y.mean(dim=1)
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pooled(window))
+
+
+class LinearHead(nn.Module):
+    """Linear probing: mean of the frames' CLS tokens -> linear (or one-hidden-layer MLP)."""
+
+    def __init__(self, dim: int, num_classes: int, frames: int, num_tokens: int, hidden: int = 0) -> None:
+        super().__init__()
+        self.frames = frames
+        if hidden:
+            self.classifier = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
+        else:
+            self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        return self.classifier(window[:, :, 0].mean(dim=1))
+
+
+class AttentiveHead(nn.Module):
+    """Attentive probing: a learnable query cross-attends over all frame tokens (V-JEPA pooler).
+
+    Without PE the output does not depend on the order of frames: this is the baseline
+    STEP is compared against.  ``pe='learnable'`` is the papers' "+ learnable PE" variant.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        frames: int,
+        num_tokens: int,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        tokens: TokenSet = "patch",
+        pe: Literal["none", "learnable"] = "none",
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide the token width {dim}")
+        self.frames, self.tokens, self.num_heads = frames, tokens, num_heads
+        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.query, std=0.02)
+        self.temporal_pe = None
+        if pe == "learnable":
+            self.temporal_pe = nn.Parameter(torch.zeros(frames, 1, dim))
+            nn.init.trunc_normal_(self.temporal_pe, std=0.02)
+        elif pe != "none":
+            raise ValueError(f"attentive head pe must be 'none' or 'learnable', got {pe!r}")
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        x = select_tokens(window, self.tokens)
+        b, t, m, d = x.shape
+        if self.temporal_pe is not None:
+            x = x + self.temporal_pe
+        x = self.norm1(x.reshape(b, t * m, d))
+        h = self.num_heads
+        q = self.q(self.query.expand(b, -1, -1)).reshape(b, 1, h, d // h).transpose(1, 2)
+        k, v = self.kv(x).reshape(b, t * m, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, d)
+        y = self.query + self.proj(out)
+        y = y + self.mlp(self.norm2(y))
+        return self.classifier(y[:, 0])
+
+
+@dataclass(frozen=True)
+class HeadKind:
+    """A named, reproducible head configuration (timm-style registry entry)."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+HEAD_KINDS: dict[str, HeadKind] = {
+    k.name: k
+    for k in [
+        HeadKind("step", StepHead, {}, "STEP: frame-wise learnable PE, global CLS, bare attention"),
+        HeadKind(
+            "self_attention",
+            StepHead,
+            {"pe": "none", "global_cls": False, "tokens": "both", "block": "full"},
+            "self-attention probing: patch + CLS tokens, transformer block, mean pooling",
+        ),
+        HeadKind("attentive", AttentiveHead, {}, "attentive probing: learnable query cross-attention + MLP"),
+        HeadKind("linear", LinearHead, {}, "linear probing: mean of frame CLS tokens"),
+    ]
+}
+
+
+def head_options(kind: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The full option set of a head: the kind's preset, overridden by ``options``."""
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"unknown head kind {kind!r}; known: {', '.join(HEAD_KINDS)}")
+    return {**HEAD_KINDS[kind].defaults, **(options or {})}
+
+
+def create_head(
+    kind: str, dim: int, num_classes: int, frames: int, num_tokens: int, options: dict[str, Any] | None = None
+) -> nn.Module:
+    """Build a head by registry name. Unknown options fail with the option's name."""
+    opts = head_options(kind, options)
+    try:
+        return HEAD_KINDS[kind].factory(dim, num_classes, frames, num_tokens, **opts)
+    except TypeError as exc:  # unexpected keyword -> name it
+        raise ValueError(f"bad option for head kind {kind!r}: {exc}") from None
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def default_num_heads(dim: int) -> int:
+    """Attention heads of 64 channels, as in the DINOv2 backbones the heads sit on."""
+    return max(1, dim // 64)
+
+
+__all__ = [
+    "HEAD_KINDS",
+    "AttentiveHead",
+    "LinearHead",
+    "MultiHeadAttention",
+    "StepHead",
+    "count_parameters",
+    "create_head",
+    "default_num_heads",
+    "head_options",
+    "select_tokens",
+    "sinusoidal_table",
+]

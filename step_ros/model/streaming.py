@@ -1,0 +1,311 @@
+"""Streaming inference: camera frames in, per-task predictions out, one backbone pass per frame.
+
+:class:`StreamingWindow` is a ring buffer of the last ``T`` sampled frames' tokens.
+:class:`StreamingEngine` samples every k-th frame, encodes it once, pushes it, and runs every
+head on the shared window.  Its output equals recomputing the same ``T`` frames as a clip
+(tested), and the window is reset -- never silently mixed -- on a time gap, a timestamp going
+backwards (a bag looping) or a change of image size.
+
+This module is ROS-free: the ROS node and ``replay-eval`` both wrap the same engine and
+:class:`PredictionSmoother`, so offline replay is the node's pipeline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from .manifest import HeadSpec, Manifest
+from .multitask import MultiTaskModel
+
+RESET_GAP = "gap"
+RESET_BACKWARDS = "backwards"
+RESET_RESIZE = "resize"
+
+
+class StreamingWindow:
+    """Fixed-size ring buffer of per-frame tokens (no per-frame allocation)."""
+
+    def __init__(self, frames: int, token_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
+        self.frames = frames
+        self.buffer = torch.zeros((frames, *token_shape), dtype=dtype)
+        self.stamps = np.zeros(frames, dtype=np.float64)
+        self.slot_ids = np.full(frames, -1, dtype=np.int64)
+        self.count = 0  # frames pushed since the last reset
+        self.next_id = 0  # monotonic frame id, never reused (caches key on it)
+
+    def reset(self) -> None:
+        self.count = 0
+        self.slot_ids[:] = -1
+
+    @property
+    def size(self) -> int:
+        return min(self.count, self.frames)
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.frames
+
+    def push(self, tokens: torch.Tensor, stamp: float) -> int:
+        """Store one frame's tokens; returns its frame id."""
+        slot = self.count % self.frames
+        self.buffer[slot].copy_(tokens)
+        self.stamps[slot] = stamp
+        frame_id = self.next_id
+        self.slot_ids[slot] = frame_id
+        self.count += 1
+        self.next_id += 1
+        return frame_id
+
+    def order(self) -> np.ndarray:
+        """Slots oldest first (only the filled ones)."""
+        n = self.size
+        start = (self.count - n) % self.frames
+        return (start + np.arange(n)) % self.frames
+
+    def window(self, pad_to_full: bool = False) -> torch.Tensor:
+        """Tokens oldest first, (size, ...) -- or (T, ...) padding the front with the oldest frame."""
+        order = self.order()
+        if pad_to_full and len(order) < self.frames:
+            order = np.concatenate([np.full(self.frames - len(order), order[0]), order])
+        return self.buffer[torch.from_numpy(order)]
+
+    def frame_ids(self) -> np.ndarray:
+        return self.slot_ids[self.order()]
+
+    def window_stamps(self) -> np.ndarray:
+        return self.stamps[self.order()]
+
+
+class HeadRunner(Protocol):
+    """Runs all heads on the window. The exact fast engine keeps per-frame caches through
+    ``add_frame``; the reference runner just calls the heads."""
+
+    def reset(self) -> None: ...
+
+    def add_frame(self, frame_id: int, tokens: torch.Tensor) -> None: ...
+
+    def predict(self, window: torch.Tensor, frame_ids: np.ndarray) -> dict[str, torch.Tensor]: ...
+
+
+class ReferenceRunner:
+    """Every head's plain forward on the window (the definition the others must match)."""
+
+    def __init__(self, model: MultiTaskModel) -> None:
+        self.model = model
+
+    def reset(self) -> None:
+        pass
+
+    def add_frame(self, frame_id: int, tokens: torch.Tensor) -> None:
+        pass
+
+    @torch.inference_mode()
+    def predict(self, window: torch.Tensor, frame_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        return {task: logits[0] for task, logits in self.model(window[None]).items()}
+
+
+@dataclass
+class TaskResult:
+    task: str
+    probs: np.ndarray
+    index: int
+    label: str
+    confidence: float
+    top_k: list[tuple[int, str, float]]
+
+
+@dataclass
+class Prediction:
+    """One prediction of all tasks for the window ending at ``stamp``."""
+
+    stamp: float
+    window_start: float
+    frames_in_window: int
+    frames_expected: int
+    sequence: int
+    tasks: dict[str, TaskResult]
+    compute_s: float = 0.0
+
+    @property
+    def window_complete(self) -> bool:
+        return self.frames_in_window >= self.frames_expected
+
+
+def task_result(spec: HeadSpec, probs: np.ndarray, k: int = 3) -> TaskResult:
+    order = np.argsort(-probs)[: max(1, k)]
+    top = [(int(i), spec.labels[int(i)], float(probs[i])) for i in order]
+    return TaskResult(spec.task, probs, top[0][0], top[0][1], top[0][2], top)
+
+
+@dataclass
+class EngineStats:
+    frames_in: int = 0
+    frames_sampled: int = 0
+    backbone_passes: int = 0
+    predictions: int = 0
+    resets: Counter = field(default_factory=Counter)
+
+
+class StreamingEngine:
+    """Frames (uint8 RGB) with stamps in, :class:`Prediction` out.
+
+    ``stride``: predict every ``stride``-th sampled frame once the window holds ``min_frames``
+    frames (default ``T``: only complete windows; fewer pads the front with the oldest frame
+    and marks the prediction incomplete).  ``max_gap_s``: a larger jump between sampled frames
+    resets the window.
+    """
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        *,
+        frame_interval: int | None = None,
+        stride: int = 1,
+        max_gap_s: float = 0.5,
+        min_frames: int | None = None,
+        top_k: int = 3,
+        runner: HeadRunner | None = None,
+        encode: Callable[[np.ndarray], torch.Tensor] | None = None,
+    ) -> None:
+        manifest: Manifest = model.manifest
+        self.model = model
+        self.frame_interval = frame_interval or manifest.frame_interval
+        self.stride = max(1, stride)
+        self.max_gap_s = max_gap_s
+        self.min_frames = min(manifest.frames, min_frames or manifest.frames)
+        self.top_k = top_k
+        self.runner = runner or ReferenceRunner(model)
+        self.encode = encode or (lambda frame: model.backbone.encode(frame)[0])
+        shape = (model.backbone.num_patches + 1, model.backbone.dim)
+        self.window = StreamingWindow(manifest.frames, shape)
+        self.stats = EngineStats()
+        self._image_size: tuple[int, int] | None = None
+        self._last_stamp: float | None = None  # previous camera frame, sampled or not
+        self._since_reset = 0  # camera frames since the last reset (for sampling)
+        self._sampled_since_full = 0
+
+    def reset(self, reason: str | None = None) -> None:
+        if reason:
+            self.stats.resets[reason] += 1
+        self.window.reset()
+        self.runner.reset()
+        self._since_reset = 0
+        self._sampled_since_full = 0
+
+    def _check_continuity(self, frame: np.ndarray, stamp: float) -> None:
+        size = (int(frame.shape[0]), int(frame.shape[1]))
+        if self._image_size is not None and size != self._image_size:
+            self.reset(RESET_RESIZE)
+        self._image_size = size
+        last, self._last_stamp = self._last_stamp, stamp
+        if last is not None and self.window.count:
+            if stamp < last:
+                self.reset(RESET_BACKWARDS)
+            elif stamp - last > self.max_gap_s:
+                self.reset(RESET_GAP)
+
+    def push(self, frame: np.ndarray, stamp: float) -> Prediction | None:
+        """Feed one camera frame; returns a prediction when one is due."""
+        self.stats.frames_in += 1
+        self._check_continuity(frame, stamp)
+        sampled = self._since_reset % self.frame_interval == 0
+        self._since_reset += 1
+        if not sampled:
+            return None
+        start = time.perf_counter()
+        tokens = self.encode(frame)
+        self.stats.backbone_passes += 1
+        self.stats.frames_sampled += 1
+        frame_id = self.window.push(tokens, stamp)
+        self.runner.add_frame(frame_id, tokens)
+        if self.window.size < self.min_frames:
+            return None
+        self._sampled_since_full += 1
+        if (self._sampled_since_full - 1) % self.stride:
+            return None
+        return self._predict(start)
+
+    def _predict(self, start: float) -> Prediction:
+        window = self.window.window(pad_to_full=True)
+        ids = self.window.frame_ids()
+        logits = self.runner.predict(window, ids)
+        tasks = {}
+        for spec in self.model.manifest.heads:
+            probs = torch.softmax(logits[spec.task].float(), dim=-1).cpu().numpy()
+            tasks[spec.task] = task_result(spec, probs, self.top_k)
+        stamps = self.window.window_stamps()
+        self.stats.predictions += 1
+        return Prediction(
+            stamp=float(stamps[-1]),
+            window_start=float(stamps[0]),
+            frames_in_window=self.window.size,
+            frames_expected=self.window.frames,
+            sequence=self.stats.predictions,
+            tasks=tasks,
+            compute_s=time.perf_counter() - start,
+        )
+
+
+@dataclass
+class SmoothedTask:
+    result: TaskResult
+    confident: bool
+    stable: bool
+
+
+class PredictionSmoother:
+    """Exponential moving average of class probabilities, per task, so planners see no flicker.
+
+    ``alpha`` = weight of the newest prediction (1 = no smoothing).  A task is *stable* when
+    its smoothed label has not changed for ``stable_count`` predictions, *confident* when the
+    smoothed confidence reaches ``threshold``.  Reset with the engine's window.
+    """
+
+    def __init__(self, manifest: Manifest, alpha: float = 0.5, threshold: float = 0.5, stable_count: int = 3,
+                 top_k: int = 3) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"smoothing alpha must be in (0, 1], got {alpha}")
+        self.specs = {h.task: h for h in manifest.heads}
+        self.alpha, self.threshold, self.stable_count, self.top_k = alpha, threshold, stable_count, top_k
+        self._ema: dict[str, np.ndarray] = {}
+        self._history: dict[str, deque] = {}
+
+    def reset(self) -> None:
+        self._ema.clear()
+        self._history.clear()
+
+    def update(self, prediction: Prediction) -> dict[str, SmoothedTask]:
+        out = {}
+        for task, result in prediction.tasks.items():
+            prev = self._ema.get(task)
+            ema = result.probs if prev is None else self.alpha * result.probs + (1 - self.alpha) * prev
+            self._ema[task] = ema
+            smoothed = task_result(self.specs[task], ema, self.top_k)
+            hist = self._history.setdefault(task, deque(maxlen=self.stable_count))
+            hist.append(smoothed.index)
+            stable = len(hist) == self.stable_count and len(set(hist)) == 1
+            out[task] = SmoothedTask(smoothed, smoothed.confidence >= self.threshold, stable)
+        return out
+
+
+__all__ = [
+    "EngineStats",
+    "HeadRunner",
+    "Prediction",
+    "PredictionSmoother",
+    "RESET_BACKWARDS",
+    "RESET_GAP",
+    "RESET_RESIZE",
+    "ReferenceRunner",
+    "SmoothedTask",
+    "StreamingEngine",
+    "StreamingWindow",
+    "TaskResult",
+    "task_result",
+]

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny DINOv2-architecture backbones and manifests (fast on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+#: A 2-layer, 64-wide ViT with DINOv2's real module layout and key names.
+TINY_OVERRIDES = {"hidden_size": 64, "num_layers": 2, "num_heads": 2}
+
+
+def tiny_manifest_dict(frames: int = 4, interval: int = 2, image_size: int = 42, kinds=("step", "attentive")) -> dict:
+    labels = ["pick_up", "put_down", "wave"]
+    heads = [
+        {"task": f"task_{kind}", "kind": kind, "labels": labels, "symmetric_pairs": [["pick_up", "put_down"]]}
+        for kind in kinds
+    ]
+    return {
+        "name": "tiny",
+        "backbone": {"arch": "dinov2_vitt14", "random_seed": 3, "image_size": image_size, "overrides": TINY_OVERRIDES},
+        "frames": frames,
+        "frame_interval": interval,
+        "heads": heads,
+    }
+
+
+@pytest.fixture
+def tiny_model():
+    from step_ros.model.manifest import parse_manifest
+    from step_ros.model.multitask import MultiTaskModel
+
+    torch.manual_seed(0)
+    manifest = parse_manifest(tiny_manifest_dict(), ROOT)
+    return MultiTaskModel.from_manifest(manifest, load_checkpoints=False).eval()
+
+
+def random_frames(n: int, h: int = 48, w: int = 56, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, 256, size=(n, h, w, 3), dtype=np.uint8)

@@ -19,6 +19,7 @@ machine and library version; it is announced loudly on every build.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -318,6 +319,11 @@ class Backbone(nn.Module):
     @property
     def dim(self) -> int:
         return self.arch.hidden_size
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Hash of the (frozen) weights; computed once."""
+        return state_fingerprint(self)
 
     def _resize_position_embeddings(self) -> None:
         """Interpolate the position grid to ``image_size`` once, with transformers' own function.

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backbone import Backbone, build_backbone, state_fingerprint
+from .backbone import Backbone, build_backbone
 from .heads import create_head, default_num_heads, head_options
 from .manifest import HeadSpec, Manifest, ManifestError
 
@@ -108,7 +108,7 @@ def backbone_from_manifest(manifest: Manifest) -> Backbone:
         spec.arch, spec.weights, random_seed=spec.random_seed, image_size=spec.image_size, overrides=spec.overrides
     )
     if spec.fingerprint:
-        actual = state_fingerprint(backbone)
+        actual = backbone.fingerprint
         if actual != spec.fingerprint:
             raise ManifestError(
                 f"backbone.fingerprint: the loaded backbone weights hash to {actual}, the manifest expects "

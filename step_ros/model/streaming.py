@@ -167,7 +167,7 @@ class StreamingEngine:
         *,
         frame_interval: int | None = None,
         stride: int = 1,
-        max_gap_s: float = 0.5,
+        max_gap_s: float = 1.0,
         min_frames: int | None = None,
         top_k: int = 3,
         runner: HeadRunner | None = None,
@@ -186,8 +186,8 @@ class StreamingEngine:
         self.window = StreamingWindow(manifest.frames, shape)
         self.stats = EngineStats()
         self._image_size: tuple[int, int] | None = None
-        self._last_stamp: float | None = None  # previous camera frame, sampled or not
-        self._since_reset = 0  # camera frames since the last reset (for sampling)
+        self._last_stamp: float | None = None  # previous sampled frame
+        self._since_offer = 0  # camera frames offered (sampling phase)
         self._sampled_since_full = 0
 
     def reset(self, reason: str | None = None) -> None:
@@ -195,7 +195,6 @@ class StreamingEngine:
             self.stats.resets[reason] += 1
         self.window.reset()
         self.runner.reset()
-        self._since_reset = 0
         self._sampled_since_full = 0
 
     def _check_continuity(self, frame: np.ndarray, stamp: float) -> None:
@@ -212,13 +211,25 @@ class StreamingEngine:
 
     def push(self, frame: np.ndarray, stamp: float) -> Prediction | None:
         """Feed one camera frame; returns a prediction when one is due."""
-        self.stats.frames_in += 1
-        self._check_continuity(frame, stamp)
-        sampled = self._since_reset % self.frame_interval == 0
-        self._since_reset += 1
-        if not sampled:
+        if not self.offer():
             return None
+        return self.process(frame, stamp)
+
+    def offer(self) -> bool:
+        """Count one camera frame; True if it is a sampled frame (every k-th).
+
+        Split from :meth:`process` so a ROS callback can decide cheaply, before converting
+        the image, and hand only sampled frames to the inference thread.
+        """
+        self.stats.frames_in += 1
+        sampled = self._since_offer % self.frame_interval == 0
+        self._since_offer += 1
+        return sampled
+
+    def process(self, frame: np.ndarray, stamp: float) -> Prediction | None:
+        """One sampled frame: continuity check, one backbone pass, heads when due."""
         start = time.perf_counter()
+        self._check_continuity(frame, stamp)
         tokens = self.encode(frame)
         self.stats.backbone_passes += 1
         self.stats.frames_sampled += 1

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The README's test command: set up (idempotent), then run the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+exec python -m pytest test -q -rs "$@"

@@ -1,0 +1,36 @@
+"""pip install of the step_ros Python package (the ROS 2 build uses CMakeLists.txt + package.xml)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="step_ros",
+    version="0.1.0",
+    description="Order-aware human action perception for ROS 2: STEP heads on a frozen DINOv2",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["step_ros", "step_ros.*"]),
+    install_requires=[
+        "torch>=2.2",
+        "transformers>=4.47",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "PyYAML>=6",
+        "av>=12",
+        "opencv-python-headless>=4.8",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+        "rich>=13",
+        "rosbags>=0.10",
+    ],
+    extras_require={
+        "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
+        # On Jetson use the TensorRT Python bindings that JetPack ships instead.
+        "tensorrt": ["tensorrt>=10"],
+        "test": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": ["step-ros = step_ros.cli:main"]},
+)

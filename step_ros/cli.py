@@ -1,0 +1,194 @@
+"""``step-ros`` / ``python -m step_ros``: one tool, one subcommand per job.
+
+Imports are lazy so that ``step-ros --help`` is instant and ROS-free commands never load rclpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DEMO_MANIFEST = Path(__file__).resolve().parent.parent / "models" / "demo" / "manifest.yaml"
+
+
+def _train_config(args: argparse.Namespace):
+    from .training.train import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       weight_decay=args.weight_decay, optimizer=args.optimizer, seed=args.seed)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=60, help="training epochs (paper: 60)")
+    p.add_argument("--batch-size", type=int, default=32, help="clips per batch (paper: 32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine annealed (paper: 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.02)
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_synth(args):
+    from .data.synthetic import generate
+
+    per_class = {"train": args.train, "val": args.val, "test": args.test}
+    csv = generate(args.out, seed=args.seed, videos_per_class=per_class, unknown_per_class=args.unknown,
+                   size=args.size, num_frames=args.num_frames)
+    print(f"wrote {csv}")
+
+
+def cmd_params(args):
+    from .model.backbone import ARCHS
+    from .model.heads import HEAD_KINDS, count_parameters, create_head, default_num_heads
+    from .training.report import print_table
+
+    rows = []
+    for name in args.arch:
+        arch = ARCHS[name]
+        n = (args.image_size // arch.patch_size) ** 2
+        counts = []
+        for kind in HEAD_KINDS:
+            opts = {} if kind == "linear" else {"num_heads": default_num_heads(arch.dim)}
+            counts.append(count_parameters(create_head(kind, arch.dim, args.classes, args.frames, n, opts)))
+        rows.append([name, arch.dim, *[f"{c / 1e6:.2f}M" for c in counts]])
+    print_table(f"trainable head parameters ({args.classes} classes, {args.frames} frames)",
+                ["backbone", "D", *HEAD_KINDS], rows)
+
+
+def cmd_extract(args):
+    from .training.jobs import extract_job
+
+    extract_job(args.manifest, args.data, args.cache, split=args.split)
+
+
+def cmd_train(args):
+    from .training.jobs import train_job
+
+    train_job(args.manifest, args.data, args.out, _train_config(args), kind=args.kind, cache_root=args.cache,
+              split=args.split)
+
+
+def cmd_evaluate(args):
+    from .training.jobs import evaluate_job
+
+    evaluate_job(args.manifest, args.data, args.out, split=args.split, num_clips=args.clips, cache_root=args.cache)
+
+
+def cmd_compare(args):
+    from .training.jobs import compare_job
+
+    compare_job(args.manifest, args.data, args.out, args.kinds.split(","), _train_config(args),
+                cache_root=args.cache, num_clips=args.clips)
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_reproduce_demo(args):
+    from .demo import reproduce_demo_model
+
+    reproduce_demo_model(args)
+
+
+def _lazy(module: str, func: str):
+    def run(args):
+        import importlib
+
+        return getattr(importlib.import_module(module, __package__), func)(args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="step-ros", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    def add(name: str, func, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    def common(p, manifest_required=True, data=True):
+        p.add_argument("--manifest", type=Path, required=manifest_required, default=None if manifest_required
+                       else DEMO_MANIFEST, help="model manifest (YAML)")
+        if data:
+            p.add_argument("--data", type=Path, required=True,
+                           help="annotation CSV or folder-per-class root (docs/DATA_FORMAT.md)")
+        p.add_argument("--cache", type=Path, default=Path("runs/cache"), help="token cache folder")
+
+    p = add("demo", cmd_demo, "main job: play a fresh synthetic demo bag to the live ROS node (or --offline)")
+    p.add_argument("--offline", action="store_true", help="no ROS: evaluate the demo model on a fresh test set")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--per-class", type=int, default=4, help="test videos per class and context")
+    p.add_argument("--rate", type=float, default=1.0, help="bag playback rate factor (live demo)")
+
+    p = add("synth", cmd_synth, "generate the synthetic nearly-symmetric benchmark (videos + annotations.csv)")
+    p.add_argument("--out", type=Path, default=Path("data/synthetic"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=int, default=24, help="training videos per class")
+    p.add_argument("--val", type=int, default=4)
+    p.add_argument("--test", type=int, default=8, help="known-context test videos per class")
+    p.add_argument("--unknown", type=int, default=8, help="unknown-context test videos per class")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--num-frames", type=int, default=40)
+
+    p = add("params", cmd_params, "print trainable parameter counts of every head kind")
+    p.add_argument("--arch", nargs="+", default=["dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14"])
+    p.add_argument("--classes", type=int, default=34)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=224)
+
+    p = add("extract", cmd_extract, "run the frozen backbone once per frame and cache tokens (resumable)")
+    common(p)
+    p.add_argument("--split", default=None)
+
+    p = add("train", cmd_train, "train the manifest's heads on cached tokens (paper recipe)")
+    common(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--kind", default=None, help="train every head as this kind (step, attentive, ...)")
+    p.add_argument("--split", default="train")
+    _add_train_args(p)
+
+    p = add("evaluate", cmd_evaluate, "accuracy overall / symmetric / reversed / shuffled, per task and class")
+    common(p)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--split", default="test")
+    p.add_argument("--clips", type=int, default=3, help="temporal views per video (16x3)")
+
+    p = add("compare", cmd_compare, "train + evaluate each head kind on the same data (the papers' table)")
+    common(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--kinds", default="step,attentive,self_attention,linear")
+    p.add_argument("--clips", type=int, default=3)
+    _add_train_args(p)
+
+    p = add("reproduce-demo", cmd_reproduce_demo, "regenerate models/demo from scratch (data, cache, training)")
+    p.add_argument("--out", type=Path, default=DEMO_MANIFEST.parent)
+    p.add_argument("--work", type=Path, default=Path("runs/reproduce-demo"))
+    _add_train_args(p)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        if args.verbose:
+            raise
+        print(f"step-ros {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The built-in default job and the recipe that produced the demo model.
+
+``step-ros demo`` needs no camera and no download: it generates a fresh synthetic test set
+(a different seed from the one the demo heads were trained on) and runs the demo model on it.
+``step-ros reproduce-demo`` regenerates ``models/demo`` from scratch with one command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from .model.manifest import load_manifest
+from .model.multitask import MultiTaskModel
+from .training.jobs import evaluate_job, train_job
+from .training.report import console
+from .training.train import TrainConfig
+
+MODELS = Path(__file__).resolve().parent.parent / "models" / "demo"
+DEMO_MANIFEST = MODELS / "manifest.yaml"
+DEMO_TEMPLATE = MODELS / "template.yaml"
+TRAIN_SEED = 0  # synthetic data the demo heads were trained on
+DEMO_SEED = 2026  # fresh test data for the demo run: never seen in training
+
+
+def fresh_test_set(out: Path, per_class: int, seed: int = DEMO_SEED) -> Path:
+    from .data.synthetic import generate
+
+    return generate(out, seed=seed, videos_per_class={"train": 0, "val": 0, "test": per_class},
+                    unknown_per_class=per_class, progress=True)
+
+
+def run_offline(args: argparse.Namespace) -> dict:
+    """Evaluate the demo model on a freshly generated synthetic test set and print the report."""
+    model = MultiTaskModel.from_manifest(load_manifest(DEMO_MANIFEST))
+    console.print(f"[bold]demo model[/bold] {DEMO_MANIFEST} (backbone: {model.backbone.source})")
+    csv = fresh_test_set(args.out / "data", args.per_class)
+    return evaluate_job(DEMO_MANIFEST, csv, args.out / "eval", cache_root=args.out / "cache", model=model)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if args.offline:
+        run_offline(args)
+        return 0
+    from .ros.demo import run_live_demo
+
+    return run_live_demo(args)
+
+
+def reproduce_demo_model(args: argparse.Namespace) -> None:
+    """Synthetic data (seed 0, default size) -> token cache -> STEP heads -> models/demo."""
+    from .data.synthetic import generate
+
+    work: Path = args.work
+    csv = generate(work / "data", seed=TRAIN_SEED)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         weight_decay=args.weight_decay, optimizer=args.optimizer, seed=args.seed)
+    out: Path = args.out
+    if (out / "heads").exists():
+        shutil.rmtree(out / "heads")
+    trained = train_job(DEMO_TEMPLATE, csv, out, config, cache_root=work / "cache")
+    console.print(f"backbone fingerprint {trained.backbone.fingerprint} recorded in {out / 'manifest.yaml'}")
+    evaluate_job(out / "manifest.yaml", csv, out / "eval", cache_root=work / "cache")
+
+
+__all__ = ["DEMO_MANIFEST", "fresh_test_set", "reproduce_demo_model", "run_demo", "run_offline"]

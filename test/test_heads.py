@@ -1,0 +1,62 @@
+"""Heads: parameter budgets (SPEC section 1), order sensitivity, ablation switches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from step_ros.model.heads import HEAD_KINDS, count_parameters, create_head
+
+D_VITB, T, N_VITB = 768, 16, 256
+
+
+def test_parameter_budgets_vit_b():
+    # SPEC: ViT-B STEP head about 2.6M, attentive probing about 7.3M (174 classes, SSv2)
+    step = count_parameters(create_head("step", D_VITB, 174, T, N_VITB, {"num_heads": 12}))
+    attentive = count_parameters(create_head("attentive", D_VITB, 174, T, N_VITB, {"num_heads": 12}))
+    assert step == pytest.approx(2.6e6, rel=0.05), step
+    assert attentive == pytest.approx(7.3e6, rel=0.02), attentive
+    assert attentive / step == pytest.approx(3.0, rel=0.1)  # "only 1/3 of the tunable parameters"
+    # frame-wise PE is T*D parameters, token-wise T*n*D
+    tokenwise = count_parameters(create_head("step", D_VITB, 174, T, N_VITB, {"num_heads": 12, "pe_scope": "token"}))
+    assert tokenwise - step == T * N_VITB * D_VITB - T * D_VITB
+
+
+def _window(b=2, t=4, n=9, d=32, seed=0):
+    return torch.randn(b, t, 1 + n, d, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    "kind, options, order_sensitive",
+    [
+        ("step", {}, True),
+        ("step", {"pe_position": "after"}, False),  # PE after attention: permutation invariant
+        ("step", {"pe": "sinusoidal"}, True),
+        ("step", {"pe": "hybrid", "block": "full"}, True),
+        ("step", {"pe_scope": "token", "tokens": "both", "global_cls": False}, True),
+        ("self_attention", {}, False),  # no temporal PE: blind to frame order
+        ("attentive", {}, False),
+        ("attentive", {"pe": "learnable"}, True),
+        ("linear", {}, False),
+    ],
+)
+def test_order_sensitivity(kind, options, order_sensitive):
+    torch.manual_seed(0)
+    head = create_head(kind, 32, 5, 4, 9, {**({"num_heads": 4} if kind != "linear" else {}), **options}).eval()
+    if hasattr(head, "temporal_pe") and head.temporal_pe is not None:
+        torch.nn.init.normal_(head.temporal_pe, std=1.0)  # trained-like PE magnitude
+    w = _window()
+    with torch.no_grad():
+        base = head(w)
+        reversed_ = head(w.flip(1))
+        shuffled = head(w[:, [2, 0, 3, 1]])
+    differs = not torch.allclose(base, reversed_, atol=1e-5) and not torch.allclose(base, shuffled, atol=1e-5)
+    assert differs == order_sensitive
+
+
+def test_unknown_kind_and_option_are_named():
+    with pytest.raises(ValueError, match="unknown head kind 'mlp'"):
+        create_head("mlp", 32, 5, 4, 9)
+    with pytest.raises(ValueError, match="bogus"):
+        create_head("step", 32, 5, 4, 9, {"bogus": 1})
+    assert set(HEAD_KINDS) == {"step", "self_attention", "attentive", "linear"}

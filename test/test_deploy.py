@@ -1,0 +1,210 @@
+"""Deployment backends: ONNX export vs PyTorch, ONNX Runtime encoders, the export cache, TensorRT.
+
+The backbone is conftest's tiny DINOv2 (real module layout, seeded random weights); the
+TensorRT tests need the ``tensorrt`` package and a CUDA GPU and are skipped without them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_frames
+from step_ros.deploy.backends import BACKENDS, BackendUnavailable, create_encoder, export_key
+from step_ros.deploy.export import (
+    INPUT_NAME,
+    LOGITS_PREFIX,
+    OUTPUT_NAME,
+    WINDOW_NAME,
+    export_backbone,
+    export_heads,
+    read_sidecar,
+)
+from step_ros.model.streaming import StreamingEngine
+
+ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime backends need onnxruntime (pip extra 'onnx')")
+
+
+def test_backbone_export_matches_torch(tiny_model, tmp_path):
+    backbone = tiny_model.backbone
+    result = export_backbone(backbone, tmp_path / "backbone.onnx")
+    print(f"backbone ONNX max abs error vs PyTorch: {result.max_abs_error}")
+    assert result.max_abs_error[OUTPUT_NAME] < 1e-4
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    s, n, d = backbone.image_size, backbone.num_patches, backbone.dim
+    assert (inp.name, inp.shape) == (INPUT_NAME, [1, 3, s, s])
+    assert (out.name, out.shape) == (OUTPUT_NAME, [1, 1 + n, d])
+    meta = read_sidecar(result.path)
+    assert meta["kind"] == "backbone" and meta["image_size"] == s and meta["opset"] == 17
+    assert meta["arch"]["hidden_size"] == d and meta["fingerprint"] and meta["versions"]["transformers"]
+    assert meta["inputs"][0]["name"] == INPUT_NAME and meta["outputs"][0]["shape"] == [1, 1 + n, d]
+    # frames the check never saw
+    frame = random_frames(1, 60, 50, seed=7)
+    pixels = backbone.preprocess(frame)
+    with torch.inference_mode():
+        ref = backbone(pixels).numpy()
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})[0]
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def test_heads_export_matches_torch(tiny_model, tmp_path):
+    result = export_heads(tiny_model, tmp_path / "heads.onnx")
+    print(f"heads ONNX max abs error vs PyTorch: {result.max_abs_error}")
+    names = [LOGITS_PREFIX + task for task in tiny_model.tasks]
+    assert list(result.max_abs_error) == names
+    assert max(result.max_abs_error.values()) < 1e-4
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == [WINDOW_NAME]
+    assert [o.name for o in session.get_outputs()] == names
+    window = torch.randn(1, tiny_model.manifest.frames, tiny_model.backbone.num_patches + 1, tiny_model.backbone.dim)
+    outs = session.run(names, {WINDOW_NAME: window.numpy()})
+    with torch.inference_mode():
+        ref = tiny_model(window)
+    for task, out in zip(tiny_model.tasks, outs):
+        np.testing.assert_allclose(out, ref[task].numpy(), atol=1e-4)
+    assert read_sidecar(result.path)["tasks"][tiny_model.tasks[0]]["output"] == names[0]
+
+
+def test_ort_encoder_matches_torch_through_streaming(tiny_model, tmp_path):
+    encoder = create_encoder("onnxruntime", tiny_model.backbone, tmp_path, device="cpu", threads=1)
+    info = encoder.describe()
+    assert info["backend"] == "onnxruntime" and info["exported"] is True
+    assert info["providers"] == ["CPUExecutionProvider"]
+    frames = random_frames(15)
+    for frame in frames[:3]:
+        torch.testing.assert_close(encoder(frame), tiny_model.backbone.encode(frame)[0], atol=1e-4, rtol=1e-4)
+    reference = StreamingEngine(tiny_model)
+    onnx_engine = StreamingEngine(tiny_model, encode=encoder)
+    compared = 0
+    for i, frame in enumerate(frames):
+        a, b = reference.push(frame, i * 0.1), onnx_engine.push(frame, i * 0.1)
+        assert (a is None) == (b is None)
+        if a is None:
+            continue
+        for task in a.tasks:
+            assert a.tasks[task].index == b.tasks[task].index
+            np.testing.assert_allclose(a.tasks[task].probs, b.tasks[task].probs, atol=1e-4)
+        compared += 1
+    assert compared >= 3
+
+
+def test_export_cache_reused_and_invalidated(tiny_model, tmp_path):
+    backbone = tiny_model.backbone
+    first = create_encoder("onnxruntime", backbone, tmp_path, device="cpu")
+    path = first.onnx_path
+    stamp = path.stat().st_mtime_ns
+    second = create_encoder("onnxruntime", backbone, tmp_path, device="cpu")
+    assert second.onnx_path == path and second.describe()["exported"] is False
+    assert path.stat().st_mtime_ns == stamp  # not rewritten
+    forced = create_encoder("onnxruntime", backbone, tmp_path, device="cpu", force_engine_update=True)
+    assert forced.onnx_path == path and forced.describe()["exported"] is True
+
+    changed = copy.deepcopy(backbone)
+    with torch.no_grad():
+        weight = changed.model.encoder.layer[0].mlp.fc1.weight
+        weight.add_(0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+    assert export_key(changed) != export_key(backbone)
+    third = create_encoder("onnxruntime", changed, tmp_path, device="cpu")
+    assert third.describe()["exported"] is True and third.onnx_path != path
+    frame = random_frames(1, seed=3)[0]
+    torch.testing.assert_close(third(frame), changed.encode(frame)[0], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(third(frame), first(frame), atol=1e-3)
+    assert len(list(tmp_path.glob("*/backbone.onnx"))) == 2
+
+
+def test_unknown_backend_names_valid_ones(tiny_model):
+    with pytest.raises(ValueError) as err:
+        create_encoder("openvino", tiny_model.backbone)
+    for name in BACKENDS:
+        assert name in str(err.value)
+
+
+def test_missing_dependency_names_the_extra(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(BackendUnavailable, match=r"step_ros\[onnx\]"):
+        create_encoder("onnxruntime", tiny_model.backbone, tmp_path)
+    monkeypatch.undo()
+    try:
+        import tensorrt  # noqa: F401
+
+        have_trt = torch.cuda.is_available()
+    except ImportError:
+        have_trt = False
+    if not have_trt:
+        with pytest.raises(BackendUnavailable, match=r"step_ros\[tensorrt\]") as err:
+            create_encoder("tensorrt", tiny_model.backbone, tmp_path)
+        assert "GPU" in str(err.value)
+        print(f"tensorrt backend here: {err.value}")
+
+
+def test_torch_encoder_is_the_backbone(tiny_model):
+    encoder = create_encoder("torch", tiny_model.backbone, device="cpu")
+    frame = random_frames(1)[0]
+    torch.testing.assert_close(encoder(frame), tiny_model.backbone.encode(frame)[0])
+    assert encoder.describe()["device"] == "cpu"
+
+
+def test_int8_encoder_runs_and_is_correlated(tiny_model, tmp_path):
+    encoder = create_encoder("onnxruntime-int8", tiny_model.backbone, tmp_path, threads=1)
+    assert encoder.onnx_path.name == "backbone.int8.onnx"
+    assert json.loads(encoder.onnx_path.with_name("backbone.int8.onnx.json").read_text())["quantization"]
+    frames = random_frames(3, seed=5)
+    got = encoder.encode(frames)
+    ref = tiny_model.backbone.encode(frames)
+    corr = np.corrcoef(got.flatten().numpy(), ref.flatten().numpy())[0, 1]
+    err = float((got - ref).abs().max())
+    print(f"int8 tokens vs fp32: correlation {corr:.5f}, max abs error {err:.3g}")
+    assert got.shape == ref.shape and torch.isfinite(got).all()
+    assert corr > 0.9
+
+
+# --------------------------------------------------------------------------- TensorRT
+
+
+def _require_tensorrt():
+    if not torch.cuda.is_available():
+        reason = "TensorRT needs an NVIDIA GPU with CUDA; none on this machine"
+        print(reason)
+        pytest.skip(reason)
+    return pytest.importorskip("tensorrt", reason="TensorRT tests need the tensorrt package (pip extra 'tensorrt')")
+
+
+def test_tensorrt_engine_build_cache_and_rebuild(tiny_model, tmp_path):
+    trt = _require_tensorrt()
+    backbone = tiny_model.backbone
+    encoder = create_encoder("tensorrt", backbone, tmp_path, precision="fp16")
+    info = encoder.describe()
+    assert info["built"] is True and info["precision"] == "fp16"
+    engine = encoder.runner.engine_path
+    major, minor = torch.cuda.get_device_capability()
+    assert engine.parent == Path(info["onnx"]).parent  # cached beside the ONNX graph
+    assert f"trt{trt.__version__}" in engine.name and f"sm{major}{minor}" in engine.name and ".fp16." in engine.name
+    meta = json.loads(engine.with_name(engine.name + ".json").read_text())
+    assert meta["tensorrt_version"] == trt.__version__ and meta["precision"] == "fp16"
+    assert meta["compute_capability"] == f"{major}.{minor}" and meta["gpu_name"] == torch.cuda.get_device_name()
+    assert meta["onnx_sha256"] == read_sidecar(info["onnx"])["onnx_sha256"]
+
+    frames = random_frames(3, seed=9)
+    for frame in frames:
+        ref = backbone.encode(frame)[0]
+        got = encoder(frame)
+        err = float((got - ref).abs().max())
+        print(f"TensorRT fp16 vs torch fp32: max abs error {err:.3g}")
+        torch.testing.assert_close(got, ref, atol=5e-2, rtol=5e-2)
+
+    stamp = engine.stat().st_mtime_ns
+    again = create_encoder("tensorrt", backbone, tmp_path, precision="fp16")
+    assert again.describe()["built"] is False and engine.stat().st_mtime_ns == stamp
+    rebuilt = create_encoder("tensorrt", backbone, tmp_path, precision="fp16", force_engine_update=True)
+    assert rebuilt.describe()["built"] is True and rebuilt.runner.engine_path == engine
+    assert engine.stat().st_mtime_ns != stamp
+    fp32 = create_encoder("tensorrt", backbone, tmp_path, precision="fp32")
+    assert fp32.runner.engine_path != engine and ".fp32." in fp32.runner.engine_path.name
+    torch.testing.assert_close(fp32(frames[0]), backbone.encode(frames[0])[0], atol=1e-3, rtol=1e-3)

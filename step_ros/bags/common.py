@@ -1,0 +1,363 @@
+"""What every bag tool shares: the typestore, image conversions, stamps, errors, safe reading.
+
+Bags are read and written with the pure-Python ``rosbags`` library (no ROS install needed).
+Its typestore holds the standard ROS 2 message types (the newest distribution rosbags knows,
+Kilted or later) plus the project's own ``step_ros/msg/HumanAction``, ``TaskPrediction`` and
+``LabelScore``, registered from the same ``msg/*.msg`` files rosidl builds the node's messages
+from -- one definition, so a bag written here deserializes in ROS and the other way round.
+
+Images cross this module as ``numpy`` ``(H, W, 3)`` ``uint8`` **RGB** (docs/ARCHITECTURE.md).
+Time is kept in integer nanoseconds where it is written (no float drift over long bags) and
+handed to the model as float seconds, as the node does.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+import struct
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "BagError",
+    "ImageDecodeError",
+    "COMPRESSED_TYPE",
+    "DEFAULT_IMAGE_TOPIC",
+    "GROUND_TRUTH_TOPIC",
+    "HUMAN_ACTION_TYPE",
+    "IMAGE_TYPE",
+    "IMAGE_TYPES",
+    "LABEL_SCORE_TYPE",
+    "SEGMENT_TOPIC",
+    "STORAGES",
+    "STRING_TYPE",
+    "TASK_PREDICTION_TYPE",
+    "find_msg_dir",
+    "typestore",
+    "msg_class",
+    "ns_to_seconds",
+    "seconds_to_ns",
+    "ns_to_time",
+    "time_to_ns",
+    "time_to_seconds",
+    "header",
+    "rgb_to_image",
+    "rgb_to_compressed",
+    "image_to_rgb",
+    "compressed_to_rgb",
+    "msg_to_rgb",
+    "open_bag",
+    "iter_messages",
+    "deserialize",
+]
+
+IMAGE_TYPE = "sensor_msgs/msg/Image"
+COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
+IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_TYPE)
+STRING_TYPE = "std_msgs/msg/String"
+HUMAN_ACTION_TYPE = "step_ros/msg/HumanAction"
+TASK_PREDICTION_TYPE = "step_ros/msg/TaskPrediction"
+LABEL_SCORE_TYPE = "step_ros/msg/LabelScore"
+_PROJECT_MSGS = ("LabelScore", "TaskPrediction", "HumanAction")  # dependency order
+
+#: Default camera topic (the usual ``image_transport`` raw topic name).
+DEFAULT_IMAGE_TOPIC = "/camera/image_raw"
+#: Ground truth: one ``step_ros/msg/HumanAction`` per annotated segment (see docs/BAGS.md).
+GROUND_TRUTH_TOPIC = "/ground_truth"
+#: Where each ground-truth message came from: ``std_msgs/msg/String`` holding JSON.
+SEGMENT_TOPIC = "/ground_truth/segment"
+#: rosbag2 storage plugins the tools write (both are read).
+STORAGES = ("mcap", "sqlite3")
+
+
+class BagError(RuntimeError):
+    """A bag is missing, corrupt, truncated or unreadable, or lacks a needed topic.
+
+    The message always names the bag (and the topic where one is involved).
+    """
+
+
+class ImageDecodeError(ValueError):
+    """One image message cannot be turned into an RGB frame (unsupported encoding, bad data)."""
+
+
+# --------------------------------------------------------------------------- typestore
+
+
+def find_msg_dir() -> Path:
+    """The folder holding the project's ``HumanAction.msg`` & co.
+
+    Looked up in order: ``$STEP_ROS_MSG_DIR``; the source tree's ``msg/`` (beside the
+    ``step_ros`` package); ``share/step_ros/msg`` of every prefix on ``$AMENT_PREFIX_PATH``
+    and of this Python's prefix (where ``colcon build`` / rosidl install them).
+    """
+    candidates: list[Path] = []
+    if os.environ.get("STEP_ROS_MSG_DIR"):
+        candidates.append(Path(os.environ["STEP_ROS_MSG_DIR"]))
+    candidates.append(Path(__file__).resolve().parents[2] / "msg")
+    prefixes = [p for p in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if p]
+    prefixes += [sys.prefix]
+    candidates += [Path(p) / "share" / "step_ros" / "msg" for p in prefixes]
+    for c in candidates:
+        if all((c / f"{name}.msg").is_file() for name in _PROJECT_MSGS):
+            return c
+    raise FileNotFoundError(
+        "cannot find the step_ros message definitions (HumanAction.msg, TaskPrediction.msg, "
+        f"LabelScore.msg); looked in: {', '.join(str(c) for c in candidates)}. "
+        "Set STEP_ROS_MSG_DIR to the package's msg/ folder."
+    )
+
+
+def _newest_ros2_store() -> Any:
+    from rosbags.typesys import Stores
+
+    for name in ("ROS2_KILTED", "ROS2_LYRICAL", "ROS2_JAZZY", "ROS2_HUMBLE"):
+        if hasattr(Stores, name):
+            return getattr(Stores, name)
+    return Stores.LATEST
+
+
+@functools.lru_cache(maxsize=1)
+def typestore() -> Any:
+    """A ``rosbags`` Typestore: ROS 2 Kilted's standard types + ``step_ros/msg/*`` (cached)."""
+    from rosbags.typesys import get_typestore, get_types_from_msg
+
+    store = get_typestore(_newest_ros2_store())
+    msg_dir = find_msg_dir()
+    types: dict = {}
+    for name in _PROJECT_MSGS:
+        types.update(get_types_from_msg((msg_dir / f"{name}.msg").read_text(), f"step_ros/msg/{name}"))
+    store.register(types)
+    return store
+
+
+def msg_class(msgtype: str) -> Any:
+    """The rosbags dataclass of ``msgtype`` (e.g. ``"sensor_msgs/msg/Image"``)."""
+    try:
+        return typestore().types[msgtype]
+    except KeyError:
+        raise KeyError(f"message type {msgtype!r} is not in the typestore") from None
+
+
+# --------------------------------------------------------------------------- time
+
+_NS = 1_000_000_000
+
+
+def seconds_to_ns(seconds: float) -> int:
+    return int(round(float(seconds) * _NS))
+
+
+def ns_to_seconds(ns: int) -> float:
+    return int(ns) / _NS
+
+
+def ns_to_time(ns: int) -> Any:
+    """``builtin_interfaces/msg/Time`` for a non-negative nanosecond count."""
+    ns = int(ns)
+    if ns < 0:
+        raise ValueError(f"ROS time cannot be negative, got {ns} ns")
+    return msg_class("builtin_interfaces/msg/Time")(sec=ns // _NS, nanosec=ns % _NS)
+
+
+def time_to_ns(t: Any) -> int:
+    return int(t.sec) * _NS + int(t.nanosec)
+
+
+def time_to_seconds(t: Any) -> float:
+    """Float seconds of a Time, exactly as the node computes them (sec + nanosec * 1e-9)."""
+    return time_to_ns(t) / _NS
+
+
+def header(stamp_ns: int, frame_id: str = "camera") -> Any:
+    return msg_class("std_msgs/msg/Header")(stamp=ns_to_time(stamp_ns), frame_id=frame_id)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _check_rgb(frame: np.ndarray) -> np.ndarray:
+    arr = np.asarray(frame)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB frame, got {arr.shape} {arr.dtype}")
+    return arr
+
+
+def rgb_to_image(frame: np.ndarray, stamp_ns: int, frame_id: str = "camera") -> Any:
+    """``sensor_msgs/msg/Image`` with encoding ``rgb8`` (lossless)."""
+    arr = np.ascontiguousarray(_check_rgb(frame))
+    h, w = arr.shape[:2]
+    return msg_class(IMAGE_TYPE)(
+        header=header(stamp_ns, frame_id), height=h, width=w, encoding="rgb8", is_bigendian=0,
+        step=3 * w, data=arr.reshape(-1),
+    )
+
+
+def rgb_to_compressed(frame: np.ndarray, stamp_ns: int, frame_id: str = "camera", *, fmt: str = "jpeg",
+                      quality: int = 90) -> Any:
+    """``sensor_msgs/msg/CompressedImage`` (jpeg by default, or png), encoded with OpenCV.
+
+    ``format`` is written the way ``image_transport``'s compressed plugin does
+    (``"rgb8; jpeg compressed bgr8"``), which every decoder here and in ROS understands.
+    """
+    arr = _check_rgb(frame)
+    bgr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    if fmt == "jpeg":
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    elif fmt == "png":
+        ok, buf = cv2.imencode(".png", bgr)
+    else:
+        raise ValueError(f"compressed image format must be 'jpeg' or 'png', got {fmt!r}")
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {arr.shape} frame as {fmt}")
+    return msg_class(COMPRESSED_TYPE)(
+        header=header(stamp_ns, frame_id), format=f"rgb8; {fmt} compressed bgr8", data=buf.reshape(-1),
+    )
+
+
+_CHANNELS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "8uc1": 1, "8uc3": 3}
+
+
+def image_to_rgb(msg: Any) -> np.ndarray:
+    """RGB frame of a ``sensor_msgs/msg/Image``: rgb8, bgr8, rgba8, bgra8, mono8 (8UC1/8UC3 as mono8/bgr8).
+
+    Row padding (``step`` > width * channels) is handled. Other encodings (16-bit, float depth,
+    Bayer, YUV) raise :class:`ImageDecodeError`.
+    """
+    enc = str(msg.encoding).lower()
+    channels = _CHANNELS.get(enc)
+    if channels is None:
+        raise ImageDecodeError(f"unsupported image encoding {msg.encoding!r} "
+                               f"(supported: rgb8, bgr8, rgba8, bgra8, mono8)")
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    data = np.asarray(msg.data, dtype=np.uint8).reshape(-1)
+    if h <= 0 or w <= 0:
+        raise ImageDecodeError(f"empty image ({w}x{h})")
+    if step < w * channels or data.size < step * (h - 1) + w * channels:
+        raise ImageDecodeError(f"image data too short: {data.size} bytes for {w}x{h} {enc} with step {step}")
+    if data.size < step * h:  # last row unpadded
+        data = np.concatenate([data, np.zeros(step * h - data.size, np.uint8)])
+    rows = data[: step * h].reshape(h, step)[:, : w * channels].reshape(h, w, channels)
+    if enc == "rgb8":
+        return rows.copy()  # a writable frame, not a view of the (read-only) message buffer
+    if enc in ("bgr8", "8uc3"):
+        return np.ascontiguousarray(rows[:, :, ::-1])
+    if enc == "rgba8":
+        return np.ascontiguousarray(rows[:, :, :3])
+    if enc == "bgra8":
+        return np.ascontiguousarray(rows[:, :, 2::-1])
+    return np.ascontiguousarray(np.repeat(rows, 3, axis=2))  # mono8
+
+
+def compressed_to_rgb(msg: Any) -> np.ndarray:
+    """RGB frame of a ``sensor_msgs/msg/CompressedImage`` (jpeg or png; colour or grey)."""
+    fmt = str(msg.format).lower()
+    if "compresseddepth" in fmt:
+        raise ImageDecodeError(f"unsupported compressed image format {msg.format!r} (depth images)")
+    if fmt and not any(k in fmt for k in ("jpeg", "jpg", "png")):
+        raise ImageDecodeError(f"unsupported compressed image format {msg.format!r} (supported: jpeg, png)")
+    data = np.asarray(msg.data, dtype=np.uint8).reshape(-1)
+    if data.size == 0:
+        raise ImageDecodeError("empty compressed image data")
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if img is None:
+        raise ImageDecodeError(f"OpenCV cannot decode the {msg.format or 'compressed'} data ({data.size} bytes)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def msg_to_rgb(msg: Any, msgtype: str) -> np.ndarray:
+    if msgtype == IMAGE_TYPE:
+        return image_to_rgb(msg)
+    if msgtype == COMPRESSED_TYPE:
+        return compressed_to_rgb(msg)
+    raise ImageDecodeError(f"{msgtype} is not an image message type ({', '.join(IMAGE_TYPES)})")
+
+
+# --------------------------------------------------------------------------- reading
+
+# What rosbags and its storage back ends raise on a damaged file (besides its own errors).
+_READ_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError, AssertionError,
+    struct.error, sqlite3.Error, UnicodeDecodeError, MemoryError, OverflowError,
+)
+
+
+def _rosbags_errors() -> tuple[type[BaseException], ...]:
+    from rosbags.rosbag2 import ReaderError
+
+    errors: list[type[BaseException]] = [ReaderError]
+    try:
+        from rosbags.interfaces import ConnectionError as RbConnectionError  # type: ignore[attr-defined]
+
+        errors.append(RbConnectionError)
+    except ImportError:  # pragma: no cover - older rosbags
+        pass
+    return tuple(errors) + _READ_ERRORS
+
+
+@contextmanager
+def open_bag(path: str | os.PathLike[str]) -> Iterator[Any]:
+    """Open a rosbag2 (a bag folder, or a single ``.mcap`` / ``.db3`` file) for reading.
+
+    Every failure -- missing path, unreadable metadata, truncated or garbage storage file --
+    is raised as :class:`BagError` naming the bag. Errors raised later while iterating are
+    wrapped by :func:`iter_messages`.
+    """
+    from rosbags.rosbag2 import Reader
+
+    path = Path(path)
+    if not path.exists():
+        raise BagError(f"bag not found: {path}")
+    if path.is_dir() and not (path / "metadata.yaml").is_file():
+        raise BagError(f"{path}: not a rosbag2 folder (no metadata.yaml); pass the bag folder, "
+                       f"or a .mcap / .db3 storage file")
+    try:
+        reader = Reader(path)
+        reader.open()
+    except _rosbags_errors() as exc:
+        hint = ""
+        if "magic" in str(exc).lower() and (path.suffix == ".mcap" or any(path.glob("*.mcap"))):
+            hint = "; an MCAP recording that was killed lacks its summary: `mcap recover` can repair it"
+        raise BagError(f"cannot read bag {path}: corrupt, truncated or not a rosbag2 ({type(exc).__name__}: "
+                       f"{exc}){hint}") from exc
+    try:
+        yield reader
+    finally:
+        try:
+            reader.close()
+        except Exception:  # noqa: BLE001 - closing a broken bag must not mask the real error
+            pass
+
+
+def iter_messages(reader: Any, path: str | os.PathLike[str], connections: Iterable[Any] = ()
+                  ) -> Iterator[tuple[Any, int, bytes]]:
+    """``reader.messages(connections)`` with storage errors raised as :class:`BagError`."""
+    count = 0
+    try:
+        for item in reader.messages(list(connections)):
+            count += 1
+            yield item
+    except _rosbags_errors() as exc:
+        raise BagError(f"bag {path} is corrupt or truncated: reading failed after {count} messages "
+                       f"({type(exc).__name__}: {exc})") from exc
+
+
+def deserialize(rawdata: bytes, msgtype: str) -> Any:
+    """CDR bytes to a rosbags message object (errors are the caller's to name)."""
+    return typestore().deserialize_cdr(rawdata, msgtype)
+
+
+def topics_of(reader: Any) -> dict[str, tuple[str | None, int]]:
+    """``{topic: (msgtype, message count)}`` of an open reader."""
+    return {t: (info.msgtype, info.msgcount) for t, info in reader.topics.items()}
+
+
+__all__ += ["topics_of"]

@@ -104,7 +104,8 @@ def _lazy(module: str, func: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="step-ros", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="step-ros", description="step_ros: order-aware human action perception (STEP heads on frozen DINOv2)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
@@ -172,7 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=Path("runs/reproduce-demo"))
     _add_train_args(p)
 
+    # Subcommands whose arguments live beside their implementation (add_arguments/main).
+    import importlib
+
+    for name, module, help_ in MODULE_COMMANDS:
+        p = add(name, _lazy(module, "main"), help_)
+        importlib.import_module(module, __package__).add_arguments(p)
     return parser
+
+
+#: (subcommand, module with add_arguments(parser) and main(args), help).  The modules import
+#: their heavy dependencies (rclpy, rosbags, onnxruntime) inside main, so --help stays cheap.
+MODULE_COMMANDS: list[tuple[str, str, str]] = [
+    ("record", ".bags.record", "turn an annotated video set into a rosbag2 (MCAP or sqlite3) with ground truth"),
+    ("replay-eval", ".bags.replay", "run the node's pipeline offline over a bag and score it against ground truth"),
+    ("play", ".bags.play", "publish a bag's images on their topics in real time (ROS 2)"),
+    ("soak", ".ros.soak", "soak benchmark: thousands of frames through the live node over DDS"),
+    ("export", ".deploy.cli", "export backbone and heads to ONNX (checked against PyTorch), optional int8"),
+    ("bench", ".deploy.bench", "benchmarks: streaming vs clip, 1 vs 3 heads, reference vs fast heads, torch vs ORT"),
+]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,237 @@
+"""``step-ros bench``: the speed claims, measured side by side in one run on the same frames.
+
+Rows (each with its baseline, the ratio to it, and the fraction of the machine's fp32 matmul
+peak measured in the same run):
+
+1. backbone: PyTorch vs ONNX Runtime (and int8), ms per frame, preprocessing included;
+2. one prediction, streaming (one new frame's backbone pass + three exact fast STEP heads) vs
+   recomputing the 16-frame clip with naive heads (today's way) and with fused-SDPA heads;
+3. one head vs three heads on the shared window (streaming): what the second and third head add;
+4. the heads alone: naive reference vs fused SDPA vs the exact fast runner, 1 and 3 heads;
+5. optionally (``--node``) the live node over DDS: stamp -> /human_action latency, sustained
+   rate and memory (a short soak, ``step-ros soak`` runs the long one).
+
+Writes ``bench.json`` and ``bench_latency.png`` into ``--out`` and prints a table.  The default
+is the deployment configuration of the issue: DINOv2 ViT-S/14 at 224, T = 16, frame interval 2,
+three STEP heads (random weights: timings do not depend on weight values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def backbone_flops(arch, image_size: int) -> float:
+    """Multiply-adds x 2 of one ViT forward at ``image_size`` (matmuls + attention)."""
+    n = (image_size // arch.patch_size) ** 2
+    tokens = 1 + arch.registers + n
+    d = arch.hidden_size
+    mlp = 2 * 3 * d * int(d * arch.mlp_ratio * 2 / 3) if arch.swiglu else 2 * d * d * arch.mlp_ratio
+    per_layer = tokens * (4 * d * d + mlp) + 2 * tokens * tokens * d
+    return 2.0 * (arch.num_layers * per_layer + n * 3 * arch.patch_size**2 * d)
+
+
+def bench_manifest(arch: str, image_size: int, frames: int, interval: int, num_heads: int, root: Path):
+    """A manifest with ``num_heads`` STEP heads on a random-weight backbone (for timing only)."""
+    from ..data.synthetic import ATOMIC_ACTIONS, FINE_ACTIONS, OBJECTS, SYMMETRIC_PAIRS
+    from ..model.manifest import parse_manifest
+
+    tasks = [("fine_action", FINE_ACTIONS), ("atomic_action", ATOMIC_ACTIONS), ("object_in_use", OBJECTS)]
+    heads = [{"task": t, "kind": "step", "labels": labels} for t, labels in tasks[:num_heads]]
+    heads[0]["symmetric_pairs"] = [list(p) for p in SYMMETRIC_PAIRS]
+    data = {"name": f"bench-{arch}", "backbone": {"arch": arch, "random_seed": 0, "image_size": image_size},
+            "frames": frames, "frame_interval": interval, "heads": heads}
+    return parse_manifest(data, root, "bench manifest")
+
+
+def _times(fn, repeat: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1e3)
+    return out
+
+
+def _row(name: str, times_ms: list[float], flops: float | None, peak: float, baseline: dict | None = None,
+         **extra) -> dict:
+    ms = statistics.median(times_ms)
+    row = {"name": name, "ms_median": ms, "ms_p95": float(np.percentile(times_ms, 95)),
+           "times_ms": [round(x, 3) for x in times_ms]}
+    if baseline is not None:
+        row["baseline"] = baseline["name"]
+        row["ratio_to_baseline"] = ms / baseline["ms_median"]
+    if flops:
+        row["gflop"] = flops / 1e9
+        row["frac_peak"] = flops / 1e9 / (ms / 1e3) / peak
+    row.update(extra)
+    return row
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    from ..data.synthetic import render_clip
+    from ..model.fast_step import FastStepRunner, reference_step_logits
+    from ..model.multitask import MultiTaskModel
+    from ..model.streaming import ReferenceRunner, StreamingEngine
+    from .backends import create_encoder
+    from .bench_heads import bench_heads, measure_peak_gflops
+
+    torch.set_num_threads(args.threads)
+    peak = measure_peak_gflops()
+    tmp = Path(tempfile.mkdtemp(prefix="step_ros_bench_"))
+    manifest = bench_manifest(args.arch, args.image_size, args.frames, args.interval, 3, tmp)
+    model = MultiTaskModel.from_manifest(manifest, load_checkpoints=False)
+    backbone = model.backbone
+    t, k = manifest.frames, manifest.frame_interval
+    video = render_clip("pick_up", seed=0, size=args.frame_size, num_frames=(t - 1) * k + 1 + args.repeat * k + 8)
+    rows: list[dict] = [{"name": "fp32 matmul peak (2048^3)", "gflop_s": peak, "threads": args.threads}]
+    bb_flops = backbone_flops(backbone.arch, backbone.image_size)
+
+    # 1. backbone backends --------------------------------------------------------------
+    frames = video[: max(4, args.repeat)]
+    encoders = {"torch": create_encoder("torch", backbone, device="cpu")}
+    for name in ["onnxruntime"] + (["onnxruntime-int8"] if args.int8 else []):
+        try:
+            encoders[name] = create_encoder(name, backbone, args.cache, device="cpu", threads=args.threads)
+        except ImportError as exc:
+            rows.append({"name": f"backbone {name}", "skipped": str(exc)})
+    base = None
+    reference_tokens = [backbone.encode(f[None])[0] for f in frames]
+    for name, enc in encoders.items():
+        it = iter(range(10**9))
+        times = _times(lambda: enc(frames[next(it) % len(frames)]), args.repeat)
+        err = max(float((enc(f) - r).abs().max()) for f, r in zip(frames, reference_tokens))
+        row = _row(f"backbone {name} (1 frame)", times, bb_flops, peak, base, max_abs_err_vs_torch=err)
+        base = base or row
+        rows.append(row)
+
+    # 2. one prediction: streaming vs clip recomputation ----------------------------------
+    with torch.inference_mode():
+        window_frames = video[0 : (t - 1) * k + 1 : k]
+
+        def clip_naive():
+            window = backbone.encode(window_frames)
+            return [reference_step_logits(h, window) for h in model.heads.values()]
+
+        def clip_sdpa():
+            return model(backbone.encode(window_frames)[None])
+
+        clip_row = _row(f"clip recompute: {t} backbone passes + 3 naive heads", _times(clip_naive, args.clip_repeat, 0),
+                        None, peak, None, backbone_passes_per_prediction=t)
+        rows.append(clip_row)
+        rows.append(_row(f"clip recompute: {t} backbone passes + 3 SDPA heads", _times(clip_sdpa, args.clip_repeat, 0),
+                         None, peak, clip_row, backbone_passes_per_prediction=t))
+
+        def streaming_rows(num_heads: int, runner_name: str) -> dict:
+            sub_manifest = copy.copy(manifest)
+            sub_manifest.heads = manifest.heads[:num_heads]
+            sub = MultiTaskModel(sub_manifest, backbone, {s.task: model.heads[s.task] for s in sub_manifest.heads})
+            runner = FastStepRunner(sub) if runner_name == "fast" else ReferenceRunner(sub)
+            engine = StreamingEngine(sub, frame_interval=1, runner=runner)
+            stamps = iter(np.arange(10**6) * 0.1)
+            sampled = iter(video[::k])
+            for _ in range(t - 1):  # fill the window
+                engine.push(next(sampled), next(stamps))
+            times = _times(lambda: engine.push(next(sampled), next(stamps)), args.repeat, warmup=1)
+            passes = engine.stats.backbone_passes / max(1, engine.stats.predictions + t - 1)
+            return _row(f"streaming: 1 backbone pass + {num_heads} {runner_name} head(s)", times, None, peak, clip_row,
+                        backbone_passes_per_new_frame=round(passes, 3),
+                        ratio_to_backbone=statistics.median(times) / base["ms_median"])
+
+        stream3 = streaming_rows(3, "fast")
+        stream1 = streaming_rows(1, "fast")
+        rows += [stream3, stream1, streaming_rows(3, "reference")]
+        added = stream3["ms_median"] - stream1["ms_median"]
+        first = stream1["ms_median"]
+        rows.append({"name": "heads 2+3 add (streaming, fast)", "ms_median": added,
+                     "baseline": "1-head pipeline", "ratio_to_baseline": added / first,
+                     "note": "< 1: the second and third head cost less than the first head's whole pipeline"})
+
+    # 4. heads alone ----------------------------------------------------------------------
+    n = backbone.num_patches
+    for r in bench_heads(backbone.dim, n, t, backbone.arch.num_heads, 3, repeats=args.repeat,
+                         include_naive=True)[1:]:
+        rows.append({"name": "heads only: " + r["name"], "ms_median": r["ms_median"], "ms_p95": r["ms_p95"],
+                     "baseline": f"naive head x{r['heads']}", "ratio_to_baseline": r["ratio_to_naive"],
+                     "gflop": r["gflop"], "frac_peak": r["frac_peak"],
+                     **({"memory_mb": r["memory_mb"]} if "memory_mb" in r else {})})
+
+    # 5. the live node ----------------------------------------------------------------------
+    node = None
+    if args.node:
+        from ..model.multitask import save_head
+        from ..ros.soak import run_soak
+
+        for spec in manifest.heads:
+            spec.checkpoint = save_head(model.heads[spec.task], spec, tmp / f"{spec.task}.safetensors",
+                                        dim=backbone.dim, frames=t, num_tokens=n)
+        path = manifest.save(tmp / "manifest.yaml")
+        node = run_soak(path, args.node_frames, args.node_fps, args.out / "node", size=args.frame_size,
+                        node_params=[f"num_threads:={args.threads}"])
+        rows.append({"name": f"node over DDS @ {args.node_fps:g} fps, interval {k}", "node": node})
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    return {"config": config, "machine_peak_gflop_s": peak,
+            "rows": rows}
+
+
+def print_bench(result: dict) -> None:
+    from ..training.report import print_table
+
+    table = []
+    for r in result["rows"]:
+        if "gflop_s" in r and "ms_median" not in r:
+            table.append([r["name"], f"{r['gflop_s']:.0f} GFLOP/s", "", "", "", ""])
+            continue
+        if "skipped" in r or "node" in r:
+            table.append([r["name"], r.get("skipped", "see node table"), "", "", "", ""])
+            continue
+        ratio = f"x{r['ratio_to_baseline']:.3f} of {r['baseline']}" if "baseline" in r else "baseline"
+        frac = f"{100 * r['frac_peak']:.1f}%" if "frac_peak" in r else "-"
+        p95 = f"{r['ms_p95']:.1f}" if "ms_p95" in r else "-"
+        table.append([r["name"], f"{r['ms_median']:.1f}", p95, ratio, frac,
+                      ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in r.items() if k in ("backbone_passes_per_prediction",
+                                                               "backbone_passes_per_new_frame", "ratio_to_backbone",
+                                                               "max_abs_err_vs_torch", "memory_mb"))])
+    print_table("step-ros bench (same run, same frames)", ["row", "ms median", "ms p95", "ratio", "of peak", "notes"],
+                table)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="dinov2_vits14")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--frames", type=int, default=16, help="T")
+    parser.add_argument("--interval", type=int, default=2, help="frame interval")
+    parser.add_argument("--frame-size", type=int, default=256, help="camera frame side in pixels")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=8, help="timed repetitions per row")
+    parser.add_argument("--clip-repeat", type=int, default=3, help="timed repetitions of the (slow) clip rows")
+    parser.add_argument("--int8", action="store_true", help="include the int8 ONNX Runtime backbone")
+    parser.add_argument("--node", action="store_true", help="also run the live node over DDS (short soak)")
+    parser.add_argument("--node-frames", type=int, default=600)
+    parser.add_argument("--node-fps", type=float, default=10.0)
+    parser.add_argument("--cache", type=Path, default=Path("runs/onnx-cache"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..training.report import plot_histogram, write_json
+
+    result = run_bench(args)
+    print_bench(result)
+    write_json(result, args.out / "bench.json")
+    hist = {r["name"]: r["times_ms"] for r in result["rows"]
+            if "times_ms" in r and r["name"].startswith(("streaming", "clip"))}
+    plot_histogram(hist, args.out / "bench_latency.png", "ms per prediction: streaming vs clip recomputation")
+    print(f"wrote {args.out / 'bench.json'}")
+    return 0

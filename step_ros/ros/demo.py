@@ -1,0 +1,280 @@
+"""``step-ros demo`` (live): a fresh synthetic test set -> a rosbag2 -> played to the running node.
+
+1. generate a small synthetic test set never seen in training (``step_ros.demo.fresh_test_set``);
+2. record it into a bag (``step_ros.bags.record.record``): camera frames on
+   ``/camera/image_raw`` plus one ground-truth ``HumanAction`` per video segment on
+   ``/ground_truth``;
+3. start the ``human_action`` node (``scripts/step_ros_node``) on the demo model;
+4. play the bag in real time (``step_ros.bags.play.play``) while printing one line per
+   ``/human_action`` message;
+5. score every prediction against the ground-truth segment that contains its window
+   (``window_start .. header.stamp``), print accuracy per task and the latency, stop the node.
+
+Latency here is measured in this process, from the arrival of a camera frame (this process
+also subscribes the image topic) to the arrival of the HumanAction stamped with it: the bag's
+stamps are not wall-clock times, so stamp -> receipt would be meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .soak import latency_stats, node_command, stop_process
+
+IMAGE_TOPIC = "/camera/image_raw"
+ACTION_TOPIC = "/human_action"
+
+
+@dataclass
+class Segment:
+    index: int
+    start_ns: int
+    end_ns: int
+    labels: dict[str, str]
+
+
+def ground_truth(bag: Path) -> list[Segment]:
+    """The bag's ``/ground_truth`` HumanAction messages as segments (read with rosbags, no ROS)."""
+    from step_ros.bags.common import (
+        GROUND_TRUTH_TOPIC,
+        HUMAN_ACTION_TYPE,
+        BagError,
+        deserialize,
+        iter_messages,
+        open_bag,
+        time_to_ns,
+    )
+
+    segments = []
+    with open_bag(bag) as reader:
+        conns = [c for c in reader.connections if c.topic == GROUND_TRUTH_TOPIC]
+        if not conns:
+            raise BagError(f"bag {bag} has no {GROUND_TRUTH_TOPIC} topic")
+        for _conn, _t, raw in iter_messages(reader, bag, conns):
+            msg = deserialize(raw, HUMAN_ACTION_TYPE)
+            segments.append(Segment(int(msg.sequence), time_to_ns(msg.window_start), time_to_ns(msg.header.stamp),
+                                    {tp.task: tp.label for tp in msg.tasks}))
+    return sorted(segments, key=lambda s: s.start_ns)
+
+
+def segment_of(segments: list[Segment], start_ns: int, end_ns: int) -> Segment | None:
+    """The segment containing the whole window ``[start_ns, end_ns]``, if any."""
+    for s in segments:
+        if s.start_ns <= start_ns and end_ns <= s.end_ns:
+            return s
+    return None
+
+
+def _ns(t: Any) -> int:
+    return int(t.sec) * 1_000_000_000 + int(t.nanosec)
+
+
+class _LiveListener:
+    """Subscribes the camera topic (arrival times) and /human_action (prints one line each)."""
+
+    def __init__(self, segments: list[Segment]) -> None:
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import Image
+
+        from step_ros.msg import HumanAction
+
+        self.segments = segments
+        self.t0_ns = segments[0].start_ns if segments else None
+        self.lock = threading.Lock()
+        self.image_arrival: dict[int, float] = {}
+        self.records: list[dict] = []
+        self.context = Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node("step_ros_live_demo", context=self.context)
+        qos = QoSProfile(depth=50, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
+        self.node.create_subscription(Image, IMAGE_TOPIC, self._on_image, qos)
+        self.node.create_subscription(HumanAction, ACTION_TOPIC, self._on_action, qos)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self._spin, daemon=True)
+        self.thread.start()
+
+    def _spin(self) -> None:
+        try:
+            while self.context.ok():
+                self.executor.spin_once(timeout_sec=0.05)
+        except Exception:  # noqa: BLE001 - shut down under us
+            pass
+
+    def node_ready(self) -> bool:
+        return (self.node.count_subscribers(IMAGE_TOPIC) >= 2  # the node and this listener
+                and self.node.count_publishers(ACTION_TOPIC) >= 1)
+
+    def _on_image(self, msg: Any) -> None:
+        with self.lock:
+            self.image_arrival[_ns(msg.header.stamp)] = time.monotonic()
+
+    def _on_action(self, msg: Any) -> None:
+        arrived = time.monotonic()
+        stamp, start = _ns(msg.header.stamp), _ns(msg.window_start)
+        with self.lock:
+            seen = self.image_arrival.pop(stamp, None)
+            for old in [s for s in self.image_arrival if s < stamp - 60_000_000_000]:
+                del self.image_arrival[old]  # keep the dict small
+        seg = segment_of(self.segments, start, stamp)
+        rec = {"sequence": int(msg.sequence), "stamp_ns": stamp, "window_start_ns": start,
+               "complete": bool(msg.window_complete), "segment": seg.index if seg else None,
+               "latency_ms": (arrived - seen) * 1e3 if seen is not None else None, "tasks": {}}
+        parts = []
+        for tp in msg.tasks:
+            guess = tp.top_k[0].label if tp.top_k else tp.label
+            truth = seg.labels.get(tp.task) if seg else None
+            rec["tasks"][tp.task] = {"label": tp.label, "guess": guess, "confidence": float(tp.confidence),
+                                     "confident": bool(tp.confident), "stable": bool(tp.stable), "truth": truth}
+            mark = "" if truth is None else (" ok" if guess == truth else f" x({truth})")
+            flags = ("c" if tp.confident else "-") + ("s" if tp.stable else "-")
+            parts.append(f"{tp.task}: {guess or '?'} {tp.confidence:.2f} [{flags}]{mark}")
+        with self.lock:
+            self.records.append(rec)
+        t = (stamp - self.t0_ns) / 1e9 if self.t0_ns is not None else stamp / 1e9
+        seg_text = f"seg {seg.index:3d}" if seg else "seg   -"
+        print(f"{t:7.2f}s {seg_text} #{msg.sequence:<5d} " + " | ".join(parts), flush=True)
+
+    def close(self) -> None:
+        import rclpy
+
+        try:
+            self.node.destroy_node()
+        finally:
+            rclpy.try_shutdown(context=self.context)
+            self.thread.join(2)
+
+
+def score(records: list[dict], segments: list[Segment]) -> dict[str, dict]:
+    """Accuracy per task: every window (best guess = top_k[0]); confident windows only; the last
+    window of each segment (one decision per video)."""
+    out: dict[str, dict] = {}
+    tasks = sorted({t for r in records for t in r["tasks"] if r["tasks"][t]["truth"] is not None})
+    for task in tasks:
+        rows = [r["tasks"][task] for r in records if r["segment"] is not None and task in r["tasks"]
+                and r["tasks"][task]["truth"] is not None]
+        confident = [x for x in rows if x["confident"]]
+        last: dict[int, dict] = {}
+        for r in records:
+            if r["segment"] is not None and task in r["tasks"]:
+                last[r["segment"]] = r["tasks"][task]
+        out[task] = {
+            "windows": len(rows),
+            "accuracy": float(np.mean([x["guess"] == x["truth"] for x in rows])) if rows else math.nan,
+            "confident_windows": len(confident),
+            "confident_accuracy": (float(np.mean([x["label"] == x["truth"] for x in confident]))
+                                   if confident else math.nan),
+            "segments": len(last),
+            "segments_with_truth": sum(1 for s in segments if task in s.labels),
+            "last_window_accuracy": (float(np.mean([x["guess"] == x["truth"] for x in last.values()]))
+                                     if last else math.nan),
+        }
+    return out
+
+
+def run_live_demo(args: argparse.Namespace) -> int:
+    """The main job; ``args``: ``out`` (Path), ``per_class`` (int, default 1), ``rate`` (float);
+    optional ``manifest`` (Path, default the demo model), ``context`` ('known' / 'unknown': only those
+    videos; default both) and ``node_param`` (list of NAME:=VALUE node parameters)."""
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    from step_ros.bags.play import play
+    from step_ros.bags.record import record
+    from step_ros.demo import DEMO_MANIFEST, fresh_test_set
+    from step_ros.training.report import console, pct, print_table, write_json
+
+    out: Path = Path(args.out)
+    per_class = int(getattr(args, "per_class", 1) or 1)
+    rate = float(getattr(args, "rate", 1.0) or 1.0)
+    manifest = Path(getattr(args, "manifest", None) or DEMO_MANIFEST)
+    if not manifest.is_file():
+        console.print(f"[red]model manifest {manifest} not found[/red]: train the demo model with "
+                      f"`step-ros reproduce-demo`, or pass another manifest")
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+
+    console.print(f"[bold]1/4[/bold] fresh synthetic test set ({per_class} video(s) per class and context)")
+    csv = fresh_test_set(out / "data", per_class)
+    console.print("[bold]2/4[/bold] recording the bag")
+    bag = record(csv, out / "bag", manifest=manifest, overwrite=True, image_topic=IMAGE_TOPIC,
+                 context=getattr(args, "context", None))
+    segments = ground_truth(bag)
+    span = (segments[-1].end_ns - segments[0].start_ns) / 1e9 if segments else 0.0
+    console.print(f"      {bag}: {len(segments)} segments, {span:.0f} s of camera time "
+                  f"({span / rate:.0f} s at rate {rate:g})")
+
+    console.print(f"[bold]3/4[/bold] starting the node on {manifest}")
+    params = list(getattr(args, "node_param", None) or [])
+    cmd = node_command(manifest, params, [f"image:={IMAGE_TOPIC}", f"human_action:={ACTION_TOPIC}"])
+    log_path = out / "node.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    listener: _LiveListener | None = None
+    published = 0
+    code = 0
+    interrupted = False
+    try:
+        listener = _LiveListener(segments)
+        deadline = time.monotonic() + 180.0
+        while not listener.node_ready():
+            if proc.poll() is not None:
+                console.print(f"[red]the node exited with {proc.returncode} while starting[/red]:\n"
+                              f"{log_path.read_text(errors='replace')[-3000:]}")
+                return 1
+            if time.monotonic() > deadline:
+                console.print(f"[red]the node did not come up within 180 s[/red]; see {log_path}")
+                return 1
+            time.sleep(0.1)
+        console.print(f"[bold]4/4[/bold] playing the bag at {rate:g}x. Columns: camera time, segment, sequence; "
+                      f"per task: best label, confidence, flags (c = confident, s = stable), ok or x(truth)")
+        published = play(bag, rate=rate, wait_for_subscribers=2, wait_timeout_s=10.0)
+        time.sleep(1.0)  # the last predictions
+    except KeyboardInterrupt:
+        interrupted = True
+        code = 130
+    finally:
+        exit_code = stop_process(proc)
+        log.close()
+        if listener is not None:
+            listener.close()
+
+    records = list(listener.records) if listener is not None else []
+    accuracy = score(records, segments)
+    lat = latency_stats([r["latency_ms"] for r in records if r["latency_ms"] is not None])
+    def p(x: float) -> str:
+        return pct(None if x is None or not math.isfinite(x) else x)
+
+    print_table(f"live demo: {len(records)} predictions on {len(segments)} segments ({manifest.parent.name})",
+                ["task", "windows", "acc %", "confident", "conf. acc %", "last/segment acc %"],
+                [[t, a["windows"], p(a["accuracy"]), a["confident_windows"], p(a["confident_accuracy"]),
+                  p(a["last_window_accuracy"])] for t, a in accuracy.items()])
+    unscored = sum(1 for r in records if r["segment"] is None)
+    console.print(f"latency frame arrival -> HumanAction arrival: median {lat['median_ms']:.1f} ms, "
+                  f"p95 {lat['p95_ms']:.1f} ms ({lat['n']} predictions); {published} frames played; "
+                  f"{unscored} predictions outside a segment; node exit code {exit_code}")
+    report = {"manifest": str(manifest), "bag": str(bag), "rate": rate, "per_class": per_class,
+              "segments": len(segments), "frames_played": published, "predictions": len(records),
+              "unscored": unscored, "accuracy": accuracy, "latency": lat, "node_exit_code": exit_code,
+              "interrupted": interrupted, "node_log": str(log_path)}
+    write_json(report, out / "live_demo.json")
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    console.print(f"wrote {out / 'live_demo.json'} and {out / 'predictions.jsonl'}")
+    if code:
+        return code
+    return 0 if exit_code == 0 and records else 1
+
+
+__all__ = ["Segment", "ground_truth", "run_live_demo", "score", "segment_of"]

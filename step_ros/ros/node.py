@@ -1,0 +1,658 @@
+"""``human_action``: camera images in, ``step_ros/msg/HumanAction`` out (one per sampled frame).
+
+A thin rclpy adapter over :class:`step_ros.model.streaming.StreamingEngine` (no model logic
+here). One node, one job:
+
+* subscription ``image`` (``sensor_msgs/Image``; or ``image/compressed``,
+  ``sensor_msgs/CompressedImage``, with ``input:=compressed``), sensor-data QoS by default
+  (best effort, keep last ``qos_depth``): remap it to the camera;
+* publisher ``human_action`` (``step_ros/msg/HumanAction``), reliable, keep last 10;
+* publisher ``/diagnostics`` (``diagnostic_msgs/DiagnosticArray``), every ``diagnostics_period_s``.
+
+Threading and drop policy. The subscription callback does only cheap work: it validates the
+header fields (encoding, size, step, data length: no pixel access), asks the engine whether the
+frame is a sampled one (``offer()``: every k-th valid frame) and puts sampled messages into a
+keep-newest single slot. An older message still waiting there is replaced and counted as
+``dropped_busy``. A dedicated inference thread takes the slot, converts the image to RGB,
+runs ``engine.process`` (continuity checks and window resets, one backbone pass, the heads),
+smooths, and publishes. Inference never blocks the callback; when inference is slower than
+the sampled input the node always works on the newest frame instead of building up a queue.
+
+A bad message is counted by reason, logged once per reason (then at most every 10 s with a
+count) and dropped; the node never dies on one. SIGINT and SIGTERM stop the node cleanly
+(exit code 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any, Callable
+
+import rclpy
+import rclpy.executors
+from builtin_interfaces.msg import Time as TimeMsg
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.exceptions import ParameterException
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image
+
+from step_ros.msg import HumanAction, LabelScore, TaskPrediction
+
+from . import conversions
+from .conversions import ImageError
+
+NODE_NAME = "human_action"
+DIAGNOSTIC_NAME = "step_ros: human_action"
+LOG_REPEAT_S = 10.0  # a repeated bad-input reason is logged at most this often
+_NS = 1_000_000_000
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def default_manifest() -> str:
+    """The demo model: ``share/step_ros/models/demo/manifest.yaml`` of an installed package, else
+    the source checkout's ``models/demo/manifest.yaml`` (the venv build installs no models)."""
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        installed = Path(get_package_share_directory("step_ros")) / "models" / "demo" / "manifest.yaml"
+        if installed.is_file():
+            return str(installed)
+    except Exception:  # noqa: BLE001 - no ament index / package not installed
+        pass
+    return str(Path(__file__).resolve().parents[2] / "models" / "demo" / "manifest.yaml")
+
+
+def stamp_seconds(stamp: Any) -> float:
+    """Float seconds of a ``builtin_interfaces/Time`` as the rest of step_ros computes them."""
+    return (int(stamp.sec) * _NS + int(stamp.nanosec)) / _NS
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, int(math.ceil(q / 100.0 * len(s))) - 1))
+    return s[k]
+
+
+def _fmt(x: float, digits: int = 1) -> str:
+    return "nan" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+class LatestSlot:
+    """Keep-newest single slot between the callback (producer) and the inference thread."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: Any = None
+        self._closed = False
+
+    def put(self, item: Any) -> bool:
+        """Store ``item``; True if it replaced one that was never taken (a dropped frame)."""
+        with self._cond:
+            replaced = self._item is not None
+            self._item = item
+            self._cond.notify()
+            return replaced
+
+    def take(self, timeout: float) -> Any:
+        """The newest item (and empty the slot), or None after ``timeout`` / when closed."""
+        with self._cond:
+            if self._item is None and not self._closed:
+                self._cond.wait(timeout)
+            item, self._item = self._item, None
+            return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class _RosLogHandler(logging.Handler):
+    """Python ``logging`` (the core's warnings, e.g. random backbone weights) -> the ROS logger."""
+
+    def __init__(self, logger: Any) -> None:
+        super().__init__(logging.INFO)
+        self.ros_logger = logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = f"[{record.name}] {record.getMessage()}"
+            if record.levelno >= logging.ERROR:
+                self.ros_logger.error(text)
+            elif record.levelno >= logging.WARNING:
+                self.ros_logger.warning(text)
+            else:
+                self.ros_logger.info(text)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            pass
+
+
+class ConfigError(ValueError):
+    """A node parameter has an invalid value (message names the parameter)."""
+
+
+# --------------------------------------------------------------------------- the node
+
+# name: (default, description, extra descriptor fields)
+_PARAMETERS: list[tuple[str, Any, str, dict[str, Any]]] = [
+    ("manifest", "", "model manifest YAML (backbone, frames, frame interval, heads); '' = the demo model "
+                     "(share/step_ros/models/demo/manifest.yaml, else the source checkout's)", {}),
+    ("weights", "", "backbone weights path overriding the manifest's backbone.weights ('' = the manifest's)", {}),
+    ("backend", "torch", "backbone inference backend: torch | onnxruntime | onnxruntime-int8 | tensorrt", {}),
+    ("device", "auto", "device of the backbone: auto (cuda if available) | cpu | cuda | cuda:N", {}),
+    ("head_runner", "fast", "how heads run on the window: fast (exact incremental STEP engine) | reference "
+                            "(plain forward)", {}),
+    ("frame_interval", 0, "sample every k-th valid camera frame into the window; 0 = the manifest's "
+                          "frame_interval", {"integer_range": (0, 1000)}),
+    ("prediction_stride", 1, "predict (and publish) every n-th sampled frame", {"integer_range": (1, 1000)}),
+    ("confidence_threshold", 0.5, "TaskPrediction.confident = smoothed confidence >= this; below it label is '' "
+                                  "and class_index NO_CLASS", {"float_range": (0.0, 1.0)}),
+    ("smoothing_alpha", 0.5, "EMA weight of the newest prediction's probabilities (1 = no smoothing)",
+     {"float_range": (0.0, 1.0)}),
+    ("stable_count", 3, "TaskPrediction.stable = same top label over this many published windows",
+     {"integer_range": (1, 1000)}),
+    ("top_k", 3, "number of LabelScores in TaskPrediction.top_k (capped at the number of classes)",
+     {"integer_range": (0, 1000)}),
+    ("max_gap_s", 1.0, "reset the window when sampled frames are further apart than this (seconds)",
+     {"float_range": (0.0, 3600.0)}),
+    ("publish_incomplete", False, "also publish while the window fills up (window_complete false, front padded "
+                                  "with the oldest frame)", {}),
+    ("input", "raw", "raw: subscribe 'image' (sensor_msgs/Image); compressed: subscribe 'image/compressed' "
+                     "(sensor_msgs/CompressedImage)", {}),
+    ("qos_depth", 5, "input subscription queue depth (KEEP_LAST)", {"integer_range": (1, 1000)}),
+    ("qos_reliability", "best_effort", "input subscription reliability: best_effort (sensor data QoS) | reliable",
+     {}),
+    ("num_threads", 0, "torch CPU threads for inference (process-wide); 0 = torch's default",
+     {"integer_range": (0, 256)}),
+    ("diagnostics_period_s", 1.0, "period of the /diagnostics status (rates and latencies are over one period)",
+     {"float_range": (0.05, 3600.0)}),
+]
+
+
+class HumanActionNode(Node):
+    """See the module docstring. Build with ``HumanActionNode()`` after ``rclpy.init``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **kwargs)
+        self._python_log_handler = _RosLogHandler(self.get_logger())
+        for name in ("step_ros", "__main__"):
+            logging.getLogger(name).addHandler(self._python_log_handler)
+            logging.getLogger(name).setLevel(logging.INFO)
+        self.p = self._declare_parameters()
+        self._lock = threading.Lock()  # counters shared by the callback, worker and timer
+        self._stop = threading.Event()
+        self._slot = LatestSlot()
+        self._worker: threading.Thread | None = None
+        self._worker_error: str | None = None
+
+        # cumulative counters (under _lock)
+        self.received = 0
+        self.sampled = 0
+        self.dropped_busy = 0
+        self.invalid: Counter = Counter()
+        self.processed = 0
+        self.published = 0
+        self.processing_errors = 0
+        self._engine_snapshot: dict[str, Any] = {"backbone_passes": 0, "resets": {}}
+        # per diagnostics period (under _lock)
+        self._latency_ms: list[float] = []
+        self._compute_ms: list[float] = []
+        self._last_counts = {"received": 0, "processed": 0, "published": 0, "dropped_busy": 0, "invalid": 0,
+                             "errors": 0}
+        self._last_diag = time.monotonic()
+        # bad-input logging state
+        self._log_state: dict[str, list[float]] = {}  # reason -> [last log time, suppressed count]
+
+        self._build_model()
+        self._stamps: dict[float, TimeMsg] = {}
+        self._stamp_order: deque = deque()
+        self._sequence = 0
+
+        reliability = ReliabilityPolicy.BEST_EFFORT if self.p["qos_reliability"] == "best_effort" \
+            else ReliabilityPolicy.RELIABLE
+        in_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=self.p["qos_depth"], reliability=reliability,
+                            durability=DurabilityPolicy.VOLATILE)
+        out_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.VOLATILE)
+        self.pub = self.create_publisher(HumanAction, "human_action", out_qos)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.diag_timer = self.create_timer(self.p["diagnostics_period_s"], self._publish_diagnostics)
+
+        self._worker = threading.Thread(target=self._work, name="step_ros_inference", daemon=True)
+        self._worker.start()
+        if self.p["input"] == "compressed":
+            self.input_topic = "image/compressed"
+            self.sub = self.create_subscription(CompressedImage, self.input_topic, self._on_compressed, in_qos)
+        else:
+            self.input_topic = "image"
+            self.sub = self.create_subscription(Image, self.input_topic, self._on_image, in_qos)
+        self.get_logger().info(
+            f"ready: {self.sub.topic_name} ({self.p['input']}, {self.p['qos_reliability']}, depth "
+            f"{self.p['qos_depth']}) -> {self.pub.topic_name}; model '{self.manifest.name}' "
+            f"[{', '.join(self.manifest.tasks)}], T={self.manifest.frames}, frame interval "
+            f"{self.engine.frame_interval}; backend {self.backend_name}, heads {self.runner_name}, "
+            f"images via {conversions.converter_name()}")
+
+    # ------------------------------------------------------------------ setup
+
+    def _declare_parameters(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        overrides = getattr(self, "_parameter_overrides", None)
+        for name, default, text, extra in _PARAMETERS:
+            desc = ParameterDescriptor(description=text, read_only=True)
+            if "integer_range" in extra:
+                lo, hi = extra["integer_range"]
+                desc.integer_range = [IntegerRange(from_value=lo, to_value=hi, step=1)]
+            if "float_range" in extra:
+                lo, hi = extra["float_range"]
+                desc.floating_point_range = [FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]
+            if isinstance(default, float) and isinstance(overrides, dict):
+                # `-p confidence_threshold:=0` arrives as an INTEGER: accept it for a double parameter
+                given = overrides.get(name)
+                if given is not None and given.type_ == Parameter.Type.INTEGER:
+                    overrides[name] = Parameter(name, Parameter.Type.DOUBLE, float(given.value))
+            values[name] = self.declare_parameter(name, default, desc).value
+        choices = {"backend": None, "head_runner": ("fast", "reference"), "input": ("raw", "compressed"),
+                   "qos_reliability": ("best_effort", "reliable")}
+        for name, allowed in choices.items():
+            values[name] = str(values[name]).strip().lower()
+            if allowed and values[name] not in allowed:
+                raise ConfigError(f"parameter {name}: {values[name]!r} is not one of {', '.join(allowed)}")
+        if not 0.0 < values["smoothing_alpha"] <= 1.0:
+            raise ConfigError(f"parameter smoothing_alpha must be in (0, 1], got {values['smoothing_alpha']}")
+        if not values["manifest"]:
+            values["manifest"] = default_manifest()
+        return values
+
+    def _build_model(self) -> None:
+        import torch
+
+        from step_ros.model.manifest import load_manifest
+        from step_ros.model.multitask import MultiTaskModel
+        from step_ros.model.streaming import PredictionSmoother, ReferenceRunner, StreamingEngine
+
+        p = self.p
+        if p["num_threads"] > 0:
+            torch.set_num_threads(p["num_threads"])
+        manifest = load_manifest(p["manifest"])
+        if p["weights"]:
+            manifest.backbone.weights = Path(p["weights"]).expanduser()
+            manifest.backbone.random_seed = None
+        self.get_logger().info(f"loading model {manifest.path} ...")
+        started = time.perf_counter()
+        model = MultiTaskModel.from_manifest(manifest).eval()
+        self.manifest = manifest
+        self.model = model
+
+        encode, self.backend_name, self.backend_info = self._make_encoder(model)
+        runner: Any = None
+        self.runner_name = "reference"
+        if p["head_runner"] == "fast":
+            try:
+                from step_ros.model.fast_step import FastStepRunner
+
+                runner = FastStepRunner(model)
+                self.runner_name = "fast"
+            except Exception as exc:  # noqa: BLE001 - the reference runner gives the same numbers
+                self.get_logger().warning(f"head_runner 'fast' unavailable ({type(exc).__name__}: {exc}); "
+                                          f"using the reference runner")
+        runner = runner or ReferenceRunner(model)
+        self.engine = StreamingEngine(
+            model, frame_interval=p["frame_interval"] or None, stride=p["prediction_stride"],
+            max_gap_s=p["max_gap_s"], min_frames=1 if p["publish_incomplete"] else None, top_k=p["top_k"],
+            runner=runner, encode=encode,
+        )
+        self.smoother = PredictionSmoother(manifest, alpha=p["smoothing_alpha"], threshold=p["confidence_threshold"],
+                                           stable_count=p["stable_count"], top_k=p["top_k"])
+        self.get_logger().info(f"model loaded in {time.perf_counter() - started:.1f} s; backbone: "
+                               f"{model.backbone.source}")
+
+    def _make_encoder(self, model: Any) -> tuple[Callable[[Any], Any] | None, str, str]:
+        p = self.p
+        device = None if p["device"] in ("", "auto") else p["device"]
+        try:
+            from step_ros.deploy.backends import create_encoder
+        except Exception as exc:  # noqa: BLE001 - being finished elsewhere: the plain backbone still works
+            if p["backend"] != "torch":
+                raise ConfigError(f"backend {p['backend']!r} needs step_ros.deploy.backends, which cannot be "
+                                  f"imported ({exc})") from None
+            self.get_logger().warning(f"step_ros.deploy.backends unavailable ({exc}); encoding with the "
+                                      f"backbone's own forward on the CPU")
+            return None, "torch", "backbone.encode (cpu)"
+        encoder = create_encoder(p["backend"], model.backbone, device=device,
+                                 threads=p["num_threads"] or None)
+        try:
+            info = ", ".join(f"{k}={v}" for k, v in encoder.describe().items()
+                             if k in ("device", "providers", "precision", "threads"))
+        except Exception:  # noqa: BLE001
+            info = ""
+        return encoder, p["backend"], info
+
+    # ------------------------------------------------------------------ callbacks (executor thread)
+
+    def _on_image(self, msg: Image) -> None:
+        with self._lock:
+            self.received += 1
+        try:
+            conversions.validate_image(msg)
+        except ImageError as exc:
+            self._bad_input(exc.reason, str(exc), msg)
+            return
+        self._offer(msg)
+
+    def _on_compressed(self, msg: CompressedImage) -> None:
+        with self._lock:
+            self.received += 1
+        try:
+            conversions.validate_compressed(msg)
+        except ImageError as exc:
+            self._bad_input(exc.reason, str(exc), msg)
+            return
+        self._offer(msg)
+
+    def _offer(self, msg: Any) -> None:
+        if not self.engine.offer():
+            return
+        replaced = self._slot.put(msg)
+        with self._lock:
+            self.sampled += 1
+            if replaced:
+                self.dropped_busy += 1
+
+    def _bad_input(self, reason: str, text: str, msg: Any, count: bool = True) -> None:
+        """Count and log (once per reason, then throttled) one rejected message."""
+        now = time.monotonic()
+        with self._lock:
+            if count:
+                self.invalid[reason] += 1
+            state = self._log_state.get(reason)
+            if state is None:
+                self._log_state[reason] = [now, 0]
+                line = f"dropping image [{reason}]: {text} (frame_id '{msg.header.frame_id}', stamp " \
+                       f"{stamp_seconds(msg.header.stamp):.3f}); further '{reason}' drops are counted in " \
+                       f"/diagnostics and logged at most every {LOG_REPEAT_S:.0f} s"
+            elif now - state[0] >= LOG_REPEAT_S:
+                line = f"dropping image [{reason}]: {text} ({state[1] + 1} such images since the last message)"
+                self._log_state[reason] = [now, 0]
+            else:
+                state[1] += 1
+                line = None
+        if line:
+            self.get_logger().warning(line)
+
+    # ------------------------------------------------------------------ inference thread
+
+    def _work(self) -> None:
+        try:
+            while not self._stop.is_set():
+                msg = self._slot.take(timeout=0.25)
+                if msg is None:
+                    continue
+                try:
+                    self._handle(msg)
+                except ImageError as exc:
+                    self._bad_input(exc.reason, str(exc), msg)
+                except Exception as exc:  # noqa: BLE001 - one failing frame must not stop the node
+                    with self._lock:
+                        self.processing_errors += 1
+                    self._bad_input("processing_error", f"{type(exc).__name__}: {exc}", msg, count=False)
+        except BaseException as exc:  # noqa: BLE001 - reported as ERROR in /diagnostics
+            self._worker_error = f"{type(exc).__name__}: {exc}"
+            self.get_logger().error(f"inference thread stopped: {self._worker_error}")
+
+    def _handle(self, msg: Any) -> None:
+        started = time.perf_counter()
+        frame = conversions.msg_to_rgb(msg)
+        stamp = msg.header.stamp
+        t = stamp_seconds(stamp)
+        self._remember_stamp(t, stamp)
+        engine = self.engine
+        resets_before = sum(engine.stats.resets.values())
+        prediction = engine.process(frame, t)
+        if sum(engine.stats.resets.values()) != resets_before:
+            self.smoother.reset()
+        snapshot = {"backbone_passes": engine.stats.backbone_passes, "resets": dict(engine.stats.resets)}
+        if prediction is None:
+            with self._lock:
+                self.processed += 1
+                self._engine_snapshot = snapshot
+            return
+        smoothed = self.smoother.update(prediction)
+        out = self._message(prediction, smoothed, msg.header.frame_id, stamp)
+        self.pub.publish(out)
+        compute_ms = (time.perf_counter() - started) * 1e3
+        latency_ms = (self.get_clock().now().nanoseconds - (int(stamp.sec) * _NS + int(stamp.nanosec))) / 1e6
+        with self._lock:
+            self.processed += 1
+            self.published += 1
+            self._engine_snapshot = snapshot
+            self._latency_ms.append(latency_ms)
+            self._compute_ms.append(compute_ms)
+
+    def _remember_stamp(self, t: float, stamp: TimeMsg) -> None:
+        """Exact ``Time`` of recent sampled frames, so window_start is the oldest frame's own stamp."""
+        self._stamps[t] = stamp
+        self._stamp_order.append(t)
+        while len(self._stamp_order) > 2 * self.manifest.frames + 2:
+            old = self._stamp_order.popleft()
+            if old not in self._stamp_order:
+                self._stamps.pop(old, None)
+
+    def _time_of(self, t: float) -> TimeMsg:
+        known = self._stamps.get(t)
+        if known is not None:
+            return known
+        ns = max(0, int(round(t * _NS)))
+        return TimeMsg(sec=ns // _NS, nanosec=ns % _NS)
+
+    def _message(self, prediction: Any, smoothed: dict[str, Any], frame_id: str, stamp: TimeMsg) -> HumanAction:
+        self._sequence += 1
+        msg = HumanAction()
+        msg.header.stamp = stamp
+        msg.header.frame_id = frame_id
+        msg.window_start = self._time_of(prediction.window_start)
+        msg.frames_in_window = int(prediction.frames_in_window)
+        msg.frames_expected = int(prediction.frames_expected)
+        msg.window_complete = bool(prediction.window_complete)
+        msg.sequence = self._sequence
+        threshold = float(self.p["confidence_threshold"])
+        k = int(self.p["top_k"])
+        tasks = []
+        for spec in self.manifest.heads:
+            s = smoothed.get(spec.task)
+            if s is None:
+                continue
+            r = s.result
+            tp = TaskPrediction()
+            tp.task = spec.task
+            tp.confidence = float(r.confidence)
+            tp.confidence_threshold = threshold
+            tp.confident = bool(s.confident)
+            tp.label = r.label if s.confident else ""
+            tp.class_index = int(r.index) if s.confident else TaskPrediction.NO_CLASS
+            tp.stable = bool(s.stable)
+            tp.symmetric_counterpart = spec.counterpart(r.label) or ""
+            tp.top_k = [LabelScore(label=label, class_index=int(i), score=float(score))
+                        for i, label, score in r.top_k[:k]]
+            tasks.append(tp)
+        msg.tasks = tasks
+        return msg
+
+    # ------------------------------------------------------------------ diagnostics (executor thread)
+
+    def _publish_diagnostics(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            dt = max(1e-6, now - self._last_diag)
+            self._last_diag = now
+            invalid_total = sum(self.invalid.values())
+            counts = {"received": self.received, "processed": self.processed, "published": self.published,
+                      "dropped_busy": self.dropped_busy, "invalid": invalid_total, "errors": self.processing_errors}
+            delta = {k: counts[k] - self._last_counts[k] for k in counts}
+            self._last_counts = counts
+            latency, self._latency_ms = self._latency_ms, []
+            compute, self._compute_ms = self._compute_ms, []
+            invalid = dict(self.invalid)
+            snapshot = dict(self._engine_snapshot)
+            sampled = self.sampled
+        lat_med = statistics.median(latency) if latency else math.nan
+        lat_p95 = _percentile(latency, 95)
+        comp_med = statistics.median(compute) if compute else math.nan
+        comp_p95 = _percentile(compute, 95)
+
+        level, message = DiagnosticStatus.OK, "running"
+        problems = []
+        if self._worker_error or (self._worker is not None and not self._worker.is_alive() and not self._stop.is_set()):
+            level, message = DiagnosticStatus.ERROR, f"inference thread stopped: {self._worker_error}"
+        elif delta["errors"] and not delta["published"]:
+            level, message = DiagnosticStatus.ERROR, f"inference failing: {delta['errors']} errors, nothing published"
+        else:
+            if delta["received"] == 0:
+                problems.append(f"no images on {self.sub.topic_name}")
+            elif delta["invalid"] == delta["received"]:
+                problems.append(f"every image invalid ({', '.join(sorted(invalid))})")
+            elif delta["invalid"]:
+                problems.append(f"{delta['invalid']} invalid images")
+            if delta["dropped_busy"]:
+                problems.append(f"inference too slow: {delta['dropped_busy']} sampled frames dropped")
+            if delta["errors"]:
+                problems.append(f"{delta['errors']} processing errors")
+            if problems:
+                level, message = DiagnosticStatus.WARN, "; ".join(problems)
+            else:
+                message = f"running: {delta['received'] / dt:.1f} Hz in, {delta['published'] / dt:.1f} Hz published"
+
+        values = [
+            ("input topic", self.sub.topic_name),
+            ("input", self.p["input"]),
+            ("input rate (Hz)", _fmt(delta["received"] / dt, 2)),
+            ("inference rate (Hz)", _fmt(delta["processed"] / dt, 2)),
+            ("published rate (Hz)", _fmt(delta["published"] / dt, 2)),
+            ("latency median (ms)", _fmt(lat_med)),
+            ("latency p95 (ms)", _fmt(lat_p95)),
+            ("compute median (ms)", _fmt(comp_med)),
+            ("compute p95 (ms)", _fmt(comp_p95)),
+            ("frames received", str(counts["received"])),
+            ("frames sampled", str(sampled)),
+            ("frames processed", str(counts["processed"])),
+            ("dropped_busy", str(counts["dropped_busy"])),
+            ("invalid", str(invalid_total)),
+            *[(f"invalid/{reason}", str(n)) for reason, n in sorted(invalid.items())],
+            ("processing errors", str(counts["errors"])),
+            *[(f"resets/{reason}", str(n)) for reason, n in sorted(snapshot["resets"].items())],
+            ("window resets", str(sum(snapshot["resets"].values()))),
+            ("backbone passes", str(snapshot["backbone_passes"])),
+            ("published", str(counts["published"])),
+            ("sequence", str(self._sequence)),
+            ("model", f"{self.manifest.name} ({self.manifest.path})"),
+            ("backbone", str(self.model.backbone.source)),
+            ("backend", f"{self.backend_name}{' (' + self.backend_info + ')' if self.backend_info else ''}"),
+            ("head runner", self.runner_name),
+            ("frame interval", str(self.engine.frame_interval)),
+            ("frames per window", str(self.manifest.frames)),
+            ("image conversion", conversions.converter_name()),
+        ]
+        status = DiagnosticStatus(level=level, name=DIAGNOSTIC_NAME, message=message,
+                                  hardware_id=self.get_fully_qualified_name(),
+                                  values=[KeyValue(key=k, value=v) for k, v in values])
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self.diag_pub.publish(array)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the inference thread (waits for the frame in progress, at most ``timeout`` s)."""
+        self._stop.set()
+        self._slot.close()
+        if self._worker is not None and self._worker.is_alive() and self._worker is not threading.current_thread():
+            self._worker.join(timeout)
+
+    def destroy_node(self) -> None:
+        self.stop()
+        for name in ("step_ros", "__main__"):
+            logging.getLogger(name).removeHandler(self._python_log_handler)
+        super().destroy_node()
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+class _ShutdownRequested(BaseException):
+    """Raised by the signal handler while the node is still starting (model loading)."""
+
+
+def _startup_error(exc: BaseException) -> str:
+    """One line for configuration errors (bad parameter, manifest, weights); a traceback otherwise."""
+    if isinstance(exc, (ValueError, ImportError, OSError, ParameterException)):
+        return f"cannot start: {exc}"
+    import traceback
+
+    return f"cannot start: {type(exc).__name__}: {exc}\n{''.join(traceback.format_exception(exc))}"
+
+
+def main(args: list[str] | None = None) -> int:
+    """``ros2 run step_ros step_ros_node`` / ``scripts/step_ros_node``; returns the exit code.
+
+    SIGINT and SIGTERM: while starting, abandon the start; while running, leave the spin loop.
+    Either way the inference thread is stopped, the node destroyed, rclpy shut down, exit code 0.
+    """
+    from rclpy.signals import SignalHandlerOptions
+
+    state = {"stop": False, "raise": True}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        state["stop"] = True
+        if state["raise"]:
+            state["raise"] = False
+            raise _ShutdownRequested(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    node: HumanActionNode | None = None
+    code = 0
+    try:
+        rclpy.init(args=sys.argv if args is None else args, signal_handler_options=SignalHandlerOptions.NO)
+        node = HumanActionNode()
+        executor = rclpy.executors.SingleThreadedExecutor()
+        executor.add_node(node)
+        state["raise"] = False  # from here on a signal only ends the loop below
+        while not state["stop"] and rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)
+        node.get_logger().info("shutting down")
+    except _ShutdownRequested:
+        pass
+    except Exception as exc:  # noqa: BLE001 - a configuration error is a message, not a traceback
+        (node.get_logger() if node is not None else rclpy.logging.get_logger(NODE_NAME)).fatal(_startup_error(exc))
+        code = 1
+    finally:
+        state["raise"] = False
+        state["stop"] = True
+        try:
+            if node is not None:
+                node.destroy_node()
+            rclpy.try_shutdown()
+        except Exception:  # noqa: BLE001 - best effort while exiting
+            pass
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

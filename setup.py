@@ -13,6 +13,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["step_ros", "step_ros.*"]),
+    # the message definitions, so rosbags can decode step_ros messages without the source tree
+    data_files=[("share/step_ros/msg", sorted(str(p) for p in Path("msg").glob("*.msg")))],
     install_requires=[
         "torch>=2.2",
         "transformers>=4.47",

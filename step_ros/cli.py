@@ -125,8 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "main job: play a fresh synthetic demo bag to the live ROS node (or --offline)")
     p.add_argument("--offline", action="store_true", help="no ROS: evaluate the demo model on a fresh test set")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--per-class", type=int, default=4, help="test videos per class and context")
-    p.add_argument("--rate", type=float, default=1.0, help="bag playback rate factor (live demo)")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="fresh test videos per class and context (default: 1 live, 4 offline)")
+    p.add_argument("--rate", type=float, default=2.0, help="bag playback rate factor (live demo)")
+    p.add_argument("--context", choices=["known", "unknown"], default=None, help="only this context (live demo)")
+    p.add_argument("--manifest", type=Path, default=None, help="model manifest (default: models/demo)")
+    p.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",
+                   help="extra node parameter for the live demo, e.g. backend:=onnxruntime")
 
     p = add("synth", cmd_synth, "generate the synthetic nearly-symmetric benchmark (videos + annotations.csv)")
     p.add_argument("--out", type=Path, default=Path("data/synthetic"))

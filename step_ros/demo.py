@@ -33,10 +33,11 @@ def fresh_test_set(out: Path, per_class: int, seed: int = DEMO_SEED) -> Path:
 
 def run_offline(args: argparse.Namespace) -> dict:
     """Evaluate the demo model on a freshly generated synthetic test set and print the report."""
-    model = MultiTaskModel.from_manifest(load_manifest(DEMO_MANIFEST))
-    console.print(f"[bold]demo model[/bold] {DEMO_MANIFEST} (backbone: {model.backbone.source})")
-    csv = fresh_test_set(args.out / "data", args.per_class)
-    return evaluate_job(DEMO_MANIFEST, csv, args.out / "eval", cache_root=args.out / "cache", model=model)
+    manifest = args.manifest or DEMO_MANIFEST
+    model = MultiTaskModel.from_manifest(load_manifest(manifest))
+    console.print(f"[bold]demo model[/bold] {manifest} (backbone: {model.backbone.source})")
+    csv = fresh_test_set(args.out / "data", args.per_class or 4)
+    return evaluate_job(manifest, csv, args.out / "eval", cache_root=args.out / "cache", model=model)
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -23,14 +23,15 @@ so the score of query ``j`` of frame G (position P) and key ``l`` of frame F (po
     beta^G[P'] = a_G c'_{P'},  gamma^F[P] = b_F c_P,  kappa = c c'^T  (per-frame / constant)
 
 Everything the window position touches is a rank-one additive term in the log domain, so
-``exp(s_jl) = exp(S_jl - m_j) * U^F_l[P] * exp(m_j + mu^F[P] + beta_j[P'] + kappa[P,P'])``
-with the row-max-stabilised block ``E^{GF} = exp(S^{GF} - m^{GF})`` (stored) and the
-max-stabilised ``U^F = exp(gamma^F - mu^F)`` (stored for every P).  Hence
+``exp(s_jl) = E^{GF}_jl * U^F_l[P] * exp(m_j + mu^F[P] + beta_j[P'] + kappa[P,P'])`` with
+the stored, row-max-stabilised block ``E^{GF} = exp(S^{GF} - m^{GF})``, ``m_j = max_l S_jl``,
+and the max-stabilised ``U^F = exp(gamma^F - mu^F)``, ``mu^F[P] = max_l gamma^F_l[P]``
+(stored for every P).  Hence
 
 * softmax normaliser of query j (frame G at P_G)::
 
       log Z_j = logsumexp( s_jg,  { beta_j[P_F] + kappa[P_G,P_F] + M^{GF}_j[P_G] }_F )
-      M^{GF}_j[P] = m_j + mu^F[P] + log(E^{GF}_j . U^F[:, P])      (all P, at block creation)
+      M^{GF}_j[P] = m_j + mu^F[P] + log(E^{GF}_j . U^F[:, P])     (all P, at block creation)
 
 * mean pooling is linear, so only the *column sums* of the attention matrix are needed::
 
@@ -38,12 +39,20 @@ max-stabilised ``U^F = exp(gamma^F - mu^F)`` (stored for every P).  Hence
       W^F_l    = sum_G U^F_l[P_G] * (r'_{.GF}^T E^{GF})_l      (+ the CLS query's row)
       o_bar    = ( sum_F W^F (u_F + c''_{P_F}) + W_g v_g ) / N,  logits = cls(proj(o_bar))
 
-  (the projection bias enters once: the mean of ``o W^T + b`` is ``o_bar W^T + b``).  The
-  CLS query row (1 x N) is computed directly every prediction; it is cheap.
+  with ``W_g`` = the CLS key's column sum (``sum_j exp(s_jg - log Z_j)`` + the CLS query's
+  own weight).  The projection bias enters once: the mean of ``o W^T + b`` is
+  ``o_bar W^T + b``.  The CLS query row (1 x N) is computed directly every prediction.
+
+  ``exp(mu^F[P_G])`` is folded into ``r'`` *before* the GEMV, not applied to its result:
+  ``mu`` (the positional query against key contents) can be large of either sign with trained
+  PEs, and ``exp(beta + kappa + m - log Z)`` alone then overflows or underflows float32.
+  With it folded in, ``log r'_j <= -log(E_j . U^F[:, P_G])`` (because ``log Z_j`` contains that
+  very term), a small number for any sane head (at most ``min`` of the row's logit spread and
+  the positional term's spread over the keys).
 
 Cost per new frame (T frames, n tokens, H heads, K STEP heads): the qkv content projection of
-one frame, ``2T - 1`` new ``n x n`` blocks per attention head (a matmul, an exp and an
-``(n x n) @ (n x T)`` matmul each), then per prediction one GEMV over every stored block
+one frame, ``2T - 1`` new ``n x n`` blocks per attention head (a GEMM, a row max, an exp and an
+``(n x n) @ (n x T)`` product each), then per prediction one GEMV over every stored block
 (``T^2 H n^2`` multiply-adds: memory-bound, it reads each stored block once) and small
 ``O(T^2 H n)`` log-domain bookkeeping.  Memory: ``K H T^2 n^2`` float32 for the blocks
 (~403 MB per STEP head for ViT-S, T=16, n=256, H=6), see :meth:`FastStepRunner.memory_bytes`.
@@ -52,12 +61,15 @@ The block cache is indexed by *frame slot*, not by position, so it is independen
 window order: the same cache serves any order of the same frames (e.g. reversed).
 
 Numerical safety.  All sums are of positive terms and every large quantity lives in the log
-domain.  The one place where float32 range matters is ``r'``: one can show
-``log r'_j <= min(range_l S^{GF}_j., range_l gamma^F_.[P_G])`` (the row's logit spread and the
-positional term's spread), so a prediction is computed exactly unless both spreads exceed
-:data:`RANGE_LIMIT` (=60, far beyond trained attention logits) in the same block; then -- or if
-anything non-finite appears -- that group's prediction is recomputed with the reference
-forward and counted in :attr:`FastStepRunner.fallbacks`.
+domain.  At block creation ``rho^{GF}[P] = max_j -log(E_j . U^F[:, P])`` is recorded; it bounds
+``log r'`` for the block when G sits at position P.  If ``rho <= RANGE_LIMIT`` (=60) then
+``r' <= e^60``, nothing overflows, and any entry of ``E`` or ``U`` that underflowed (< 1e-38)
+would have contributed less than ``1e-38 * e^60 ~ 1e-12`` of a softmax row: the prediction is
+exact to float32 rounding.  Otherwise -- both the row's logit spread and the positional term's
+spread beyond ~60 at once, far outside trained attention -- or if anything non-finite appears,
+that group's prediction is recomputed with the reference forward and counted in
+:attr:`FastStepRunner.fallbacks` (a silent underflow would otherwise give a finite, wrong
+result: checking for non-finite output alone is not enough).
 
 STEP configurations the algebra does not cover (PE token-wise or after the attention, no global
 CLS, CLS/both token sets, LN/MLP blocks) and every other head kind run their normal forward on
@@ -164,13 +176,14 @@ class _StepGroup:
     positions P (window positions, T of them), n tokens, d head width.
     """
 
-    def __init__(self, tasks: list[str], heads: list[StepHead], frames: int) -> None:
+    def __init__(self, tasks: list[str], heads: list[StepHead], frames: int, chunk: int | None = None) -> None:
         self.tasks, self.heads, self.T = tasks, heads, frames
         self.K = len(heads)
         self.H = heads[0].attn.num_heads
         self.D = heads[0].attn.qkv.in_features
         self.d = self.D // self.H
         self.n: int | None = None
+        self.chunk = max(1, min(chunk or self.H, self.H))
         self.refresh()
 
     # -- constants: position and CLS terms, weights --------------------------------------------
@@ -205,6 +218,10 @@ class _StepGroup:
     def cache_shapes(self, n: int) -> dict[str, tuple[int, ...]]:
         K, H, T, d = self.K, self.H, self.T, self.d
         return {
+            "E": (K, T, H, T, n, n),  # [k, slot G, h, slot F, j, l]: exp(S^{GF} - m^{GF})
+            "m": (K, H, T, T, n),  # [G, F, j]: max_l S^{GF}_jl (row stabiliser of E)
+            "M": (K, H, T, T, T, n),  # [P, G, F, j]: m + mu^F[P] + log(E_j . U^F[:, P])
+            "rho": (K, H, T, T, T),  # [P, G, F]: max_j -log(E_j . U^F[:, P])  (bounds log r')
             "a": (K, H, T, n, d),  # query content (scaled), per slot
             "b": (K, H, T, n, d),  # key content
             "u": (K, H, T, n, d),  # value content
@@ -212,14 +229,15 @@ class _StepGroup:
             "delta": (K, H, T, n),  # a_j . k_g   (query content vs CLS key)
             "eps": (K, H, T, n),  # q_g . b_l   (CLS query vs key content)
             "U": (K, H, T, T, n),  # [P, slot F, l]: exp(gamma - mu)
-            "mu": (K, H, T, T),  # [P, slot F]: max_l gamma
-            "rg": (K, H, T, T),  # [P, slot F]: range_l gamma
-            "E": (K, H, T, T, n, n),  # [slot G, slot F, j, l]: exp(S - m)
-            "m": (K, H, T, T, n),  # [G, F, j]: row max of S
-            "rs": (K, H, T, T),  # [G, F]: max_j row range of S
-            "M": (K, H, T, T, T, n),  # [P, G, F, j]: m + mu^F[P] + log(E_j . U^F[:, P])
             "Ut": (K, H, T, n, T),  # [slot F, l, P]: U again, in the layout E @ U wants
-            "scratch": (T, n, n),  # one (STEP head, attention head)'s new blocks
+            "mu": (K, H, T, T),  # [P, slot F]: max_l gamma
+            "scratch": (self.chunk, T, n, n),  # new blocks of `chunk` attention heads
+            "mx_r": (K, H, T, n),  # row / column blocks of the newest frame: row max of S,
+            "eu_r": (K, H, T, n, T),  # E @ U
+            "mx_c": (K, H, T, n),
+            "eu_c": (K, H, T, n, T),
+            "r_buf": (K, T, H, T, n),  # per prediction: r' and the GEMV result, in E's order
+            "w_buf": (K, T, H, T, n),
         }
 
     def allocate(self, n: int) -> None:
@@ -239,8 +257,9 @@ class _StepGroup:
         (sorted slots now holding frames, ``x`` included): row blocks (x, F) and column blocks
         (G, x); the (x, x) block is made twice, with the same values.
 
-        Blocks are made one (STEP head, attention head) at a time so that the ``T n^2`` scores
-        being turned into ``E`` stay in cache (4 MB for ViT-S), written straight into the store.
+        Blocks are made for ``chunk`` attention heads of one STEP head at a time, so that the
+        new scores stay in cache between the GEMM, the row max, the exp that turns them into
+        ``E`` and the ``E @ U`` product; fewer, larger chunks mean fewer calls.
         """
         K, H, T, d = self.K, self.H, self.T, self.d
         n = patches.shape[0]
@@ -248,7 +267,7 @@ class _StepGroup:
             self.allocate(n)
         g = len(filled)
         full = g == T
-        idx = torch.tensor(filled, dtype=torch.long)
+        idx: Any = slice(None) if full else torch.tensor(filled, dtype=torch.long)
         qkv = torch.matmul(patches, self.W.transpose(1, 2))  # (K, n, 3D), no bias (content only)
         qkv = qkv.reshape(K, n, 3, H, d).permute(2, 0, 3, 1, 4)  # (3, K, H, n, d)
         a = qkv[0] * (1.0 / math.sqrt(d))
@@ -258,53 +277,55 @@ class _StepGroup:
         self.u[:, :, x] = qkv[2]
         self.beta[:, :, :, x] = torch.matmul(self.ck, a.transpose(-1, -2))  # (K, H, P', n)
         gamma = torch.matmul(self.cq, b.transpose(-1, -2))  # (K, H, P, n)
-        gmn, gmx = torch.aminmax(gamma, dim=-1)
+        gmx = gamma.amax(-1)
         self.mu[:, :, :, x] = gmx
-        self.rg[:, :, :, x] = gmx - gmn
         Ux = torch.exp(gamma - gmx[..., None])
         self.U[:, :, :, x] = Ux
         self.Ut[:, :, x] = Ux.transpose(-1, -2)
         self.delta[:, :, x] = torch.einsum("khnd,khd->khn", a, self.kg)
         self.eps[:, :, x] = torch.einsum("khnd,khd->khn", b, self.qg)
 
-        scratch = self.scratch[:g]  # (g, n, n)
+        # The big work, ``chunk`` attention heads of one STEP head at a time, so that the new
+        # scores (``chunk * T n^2`` floats, 4 MB per head for ViT-S) stay in cache from the GEMM
+        # through the row max and the exp to E @ U.
+        mx_r, mx_c = (self._dense(buf, (K, H, g, n)) for buf in (self.mx_r, self.mx_c))
+        eu_r, eu_c = (self._dense(buf, (K, H, g, n, T)) for buf in (self.eu_r, self.eu_c))
         for k in range(K):
-            for h in range(H):
-                a_all = self.a[k, h] if full else self.a[k, h, idx]  # (g, n, d)
-                b_all = self.b[k, h] if full else self.b[k, h, idx]
-                ut_all = self.Ut[k, h] if full else self.Ut[k, h, idx]  # (g, n, P)
-                mu_all = self.mu[k, h] if full else self.mu[k, h][:, idx]  # (P, g)
+            for h0 in range(0, H, self.chunk):
+                hs = slice(h0, min(H, h0 + self.chunk))
+                c = hs.stop - hs.start
+                sc = self._dense(self.scratch, (c, g, n, n))
                 # row blocks (x, F): [F, j, l] = a_x[j] . b_F[l]
-                dest = self.E[k, h, x] if full else scratch
-                torch.matmul(self.a[k, h, x], b_all.transpose(-1, -2), out=dest)
-                mx = self._exp_rows(dest, k, h, x, idx, row=True)
-                M = torch.bmm(dest, ut_all).log_().add_(mx[..., None]).add_(mu_all.t()[:, None, :])
-                self.M[k, h, :, x, idx] = M.permute(2, 0, 1)  # (P, F, n)
+                torch.matmul(self.a[k, hs, x][:, None], self.b[k, hs, idx].transpose(-1, -2), out=sc)
+                torch.amax(sc, -1, out=mx_r[k, hs])
+                dest = self.E[k, x, hs] if full else sc  # (c, F, n, n), dense
+                torch.sub(sc, mx_r[k, hs, ..., None], out=dest).exp_()  # E = exp(S - rowmax)
+                torch.matmul(dest, self.Ut[k, hs, idx], out=eu_r[k, hs])  # (c, F, n, P)
                 if not full:
-                    self.E[k, h, x, idx] = dest
-                # column blocks (G, x): [G, j, l] = a_G[j] . b_x[l]  (one GEMM)
-                torch.mm(a_all.reshape(g * n, d), self.b[k, h, x].t(), out=scratch.view(g * n, n))
-                mx = self._exp_rows(scratch, k, h, x, idx, row=False)
-                M = torch.mm(scratch.view(g * n, n), self.Ut[k, h, x]).view(g, n, T)
-                M.log_().add_(mx[..., None]).add_(self.mu[k, h, :, x])
-                self.M[k, h, :, idx, x] = M.permute(2, 0, 1)
-                if full:
-                    self.E[k, h, :, x] = scratch
-                else:
-                    self.E[k, h, idx, x] = scratch
+                    self.E[k, x, hs, idx] = sc
+                # column blocks (G, x): [G, j, l] = a_G[j] . b_x[l]  (one GEMM per attention head)
+                flat = sc.view(c, g * n, n)
+                torch.bmm(self.a[k, hs, idx].reshape(c, g * n, d), self.b[k, hs, x].transpose(-1, -2), out=flat)
+                torch.amax(sc, -1, out=mx_c[k, hs])
+                sc.sub_(mx_c[k, hs, ..., None]).exp_()
+                torch.bmm(flat, self.Ut[k, hs, x], out=eu_c[k, hs].view(c, g * n, T))
+                self.E[k, idx, hs, x] = sc.transpose(0, 1)
+        # log-domain bookkeeping, batched over all heads
+        eu = eu_r.log_()  # (K, H, F, n, P): log(E_j . U^F[:, P])
+        self.rho[:, :, :, x, idx] = eu.amax(3).neg_().transpose(-1, -2)
+        eu.add_(mx_r[..., None]).add_(self.mu[:, :, :, idx].transpose(-1, -2)[:, :, :, None, :])
+        self.M[:, :, :, x, idx] = eu.permute(0, 1, 4, 2, 3)  # (K, H, P, F, n)
+        self.m[:, :, x, idx] = mx_r
+        eu = eu_c.log_()  # (K, H, G, n, P): log(E_j . U^x[:, P])
+        self.rho[:, :, :, idx, x] = eu.amax(3).neg_().transpose(-1, -2)
+        eu.add_(mx_c[..., None]).add_(self.mu[:, :, None, None, :, x])
+        self.M[:, :, :, idx, x] = eu.permute(0, 1, 4, 2, 3)  # (K, H, P, G, n)
+        self.m[:, :, idx, x] = mx_c
 
-    def _exp_rows(self, S: torch.Tensor, k: int, h: int, x: int, idx: torch.Tensor, row: bool) -> torch.Tensor:
-        """Scores S (g, n, n) -> exp(S - rowmax) in place; records rowmax and the max row range."""
-        mn, mx = torch.aminmax(S, dim=-1)  # (g, n)
-        rs = (mx - mn).amax(-1)
-        S.sub_(mx[..., None]).exp_()
-        if row:
-            self.m[k, h, x, idx] = mx
-            self.rs[k, h, x, idx] = rs
-        else:
-            self.m[k, h, idx, x] = mx
-            self.rs[k, h, idx, x] = rs
-        return mx
+    @staticmethod
+    def _dense(buf: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """A dense tensor of ``shape`` on the front of the preallocated ``buf``."""
+        return buf.view(-1)[: math.prod(shape)].view(shape)
 
     # -- prediction ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -312,23 +333,27 @@ class _StepGroup:
         """Logits for every head of the group; ``pos[s]`` = window position of slot s.
 
         Returns None when the prediction must be recomputed by the reference forward
-        (logit spreads beyond :data:`RANGE_LIMIT`, or a non-finite result).
+        (a block whose ``rho`` exceeds :data:`RANGE_LIMIT`, or a non-finite result).
         """
         K, H, T, n = self.K, self.H, self.T, self.n
         ar = torch.arange(T)
+        if bool((self.rho[:, :, pos, ar] > RANGE_LIMIT).any()):
+            return None
         # per (G, F) block quantities at the current positions (G: query slot, F: key slot)
         beta = self.beta[:, :, pos].transpose(2, 3)  # (K, H, G, F, n): beta^G[P_F]
         kappa = self.kappa[:, :, pos][:, :, :, pos]  # (K, H, G, F): kappa[P_G, P_F]
         M = self.M[:, :, pos, ar]  # (K, H, G, F, n): M^{GF}[P_G]
         mu = self.mu[:, :, pos]  # (K, H, G, F): mu^F[P_G]
         U = self.U[:, :, pos]  # (K, H, G, F, n): U^F[:, P_G]
-        if bool((torch.minimum(self.rs, self.rg[:, :, pos]) > RANGE_LIMIT).any()):
-            return None
         base = beta + kappa[..., None]  # (K, H, G, F, n)
         cls_key = self.delta + self.cls_key_pos[:, :, pos][..., None]  # (K, H, G, n): s_{j,g}
         logz = torch.logaddexp(torch.logsumexp(base + M, dim=3), cls_key)  # (K, H, G, n)
-        r = base.add_(self.m).add_(mu[..., None]).sub_(logz[:, :, :, None]).exp_()  # r' (K, H, G, F, n)
-        w = torch.bmm(r.reshape(-1, 1, n), self.E.reshape(-1, n, n)).reshape(K, H, T, T, n)
+        base.add_(self.m).add_(mu[..., None]).sub_(logz[:, :, :, None])
+        # r' goes straight into the layout of E ([k, G, h, F]); then the one pass over every
+        # stored block: a batched GEMV, (1 x n) @ (n x n) per block, memory-bound
+        torch.exp(base, out=self.r_buf.transpose(1, 2))  # r' (K, H, G, F, n), stored [k, G, h, F]
+        torch.bmm(self.r_buf.view(-1, 1, n), self.E.view(-1, n, n), out=self.w_buf.view(-1, 1, n))
+        w = self.w_buf.transpose(1, 2)  # (K, H, G, F, l)
         col = (w * U).sum(2)  # (K, H, F, n): column weights of the frame keys
         wg = torch.exp(cls_key - logz).sum((2, 3))  # (K, H): CLS key column
         # the CLS query's own row, directly
@@ -363,13 +388,19 @@ class FastStepRunner:
     every other head runs its normal forward on the window.  Caches are keyed by frame id and
     hold at most ``T`` frames (the oldest is evicted when a frame arrives into a full cache).
 
+    ``chunk``: attention heads whose new blocks are made in one batch of calls in
+    :meth:`add_frame` (default: all ``H`` of a STEP head; scratch ``chunk T n^2`` floats,
+    25 MB for ViT-S).  Same numbers for every value.  ``chunk=1`` keeps the scratch in L2 and
+    was ~10% faster single-threaded, but makes ``H`` times more calls, and every multi-threaded
+    call waits for its slowest thread: on cores shared with other processes that cost 2-3x.
+
     Weights are read at construction: after changing a head's weights call :meth:`refresh`.
     Counters: ``fallbacks`` (fast-path predictions recomputed by the reference forward for
     numerical safety), ``reference_predictions`` (predictions on incomplete windows, which
     use the reference forward by design).
     """
 
-    def __init__(self, model: Any, frames: int | None = None) -> None:
+    def __init__(self, model: Any, frames: int | None = None, chunk: int | None = None) -> None:
         heads = getattr(model, "heads", model)
         if not isinstance(heads, Mapping) and not isinstance(heads, nn.ModuleDict):
             raise TypeError("FastStepRunner needs a MultiTaskModel or a mapping {task: head}")
@@ -390,7 +421,7 @@ class FastStepRunner:
                 self.slow_tasks[task] = why
                 if isinstance(head, StepHead):
                     log.info("fast STEP engine: head %r uses the reference forward: %s", task, why)
-        self.groups = [_StepGroup(ts, [self.heads[t] for t in ts], self.frames) for ts in groups.values()]
+        self.groups = [_StepGroup(ts, [self.heads[t] for t in ts], self.frames, chunk) for ts in groups.values()]
         self.fallbacks = 0
         self.reference_predictions = 0
         self.fallback_reasons: Counter = Counter()
@@ -419,6 +450,8 @@ class FastStepRunner:
         frame_id = int(frame_id)
         if frame_id in self._slot_of or not self.groups:
             return
+        if self.groups[0].n not in (None, tokens.shape[0] - 1):
+            self.reset()  # a different token count (image size): nothing cached can be reused
         if len(self._order) >= self.frames:
             self._evict(self._order[0])
         used = set(self._slot_of.values())

@@ -1,0 +1,224 @@
+"""Exact fast STEP engine: same logits as the StepHead forward, per new frame, past the wrap."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, random_frames, tiny_manifest_dict
+from step_ros.model.fast_step import FastStepRunner, fast_path_unsupported, reference_step_logits
+from step_ros.model.heads import AttentiveHead, StepHead
+from step_ros.model.streaming import ReferenceRunner, StreamingEngine
+
+D, N_TOK, T, H = 64, 9, 5, 2
+RTOL, ATOL = 1e-4, 1e-5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster, and immune to thread-barrier waits on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_heads(seed: int = 0, qk_scale: float = 1.0, extra: dict | None = None) -> dict[str, torch.nn.Module]:
+    """Three STEP heads (different class counts) and one attentive head, on D=64, n=9, T=5.
+
+    ``qk_scale`` multiplies Wq, Wk (and the PE and CLS token by 10 when > 1): trained-looking,
+    peaked attention that stresses the log-domain bookkeeping."""
+    torch.manual_seed(seed)
+    heads: dict[str, torch.nn.Module] = {
+        f"step{i}": StepHead(D, 3 + i, T, N_TOK, num_heads=H) for i in range(3)
+    }
+    heads["attentive"] = AttentiveHead(D, 4, T, N_TOK, num_heads=H)
+    for task, opts in (extra or {}).items():
+        heads[task] = StepHead(D, 3, T, N_TOK, num_heads=H, **opts)
+    with torch.no_grad():
+        for head in heads.values():
+            if isinstance(head, StepHead):
+                head.attn.qkv.bias.normal_(0, 0.1)
+                if qk_scale != 1.0:
+                    head.attn.qkv.weight[: 2 * D] *= qk_scale
+                    if head.pe in ("learnable", "hybrid"):
+                        head.temporal_pe.mul_(10)
+                    if head.global_cls is not None:
+                        head.global_cls.mul_(10)
+    return {k: v.eval() for k, v in heads.items()}
+
+
+def reference(heads, window):
+    with torch.inference_mode():
+        return {task: head(window[None])[0] for task, head in heads.items()}
+
+
+def assert_same(out, ref):
+    assert set(out) == set(ref)
+    for task in ref:
+        torch.testing.assert_close(out[task], ref[task], rtol=RTOL, atol=ATOL, msg=task)
+
+
+def stream(runner, heads, frames, first_id=0, order=None):
+    """Feed frames one by one; compare every complete window's prediction to the reference."""
+    checked = 0
+    for i in range(len(frames)):
+        runner.add_frame(first_id + i, frames[i])
+        if i >= T - 1:
+            ids = np.arange(i - T + 1, i + 1)
+            if order is not None:
+                ids = ids[order]
+            window = frames[ids]
+            assert_same(runner.predict(window, ids + first_id), reference(heads, window))
+            checked += 1
+    return checked
+
+
+def test_naive_reference_equals_step_forward():
+    heads = make_heads(qk_scale=5.0, extra={"after": {"pe_position": "after"}, "full": {"block": "full"}})
+    window = torch.randn(2, T, 1 + N_TOK, D)
+    for head in heads.values():
+        if isinstance(head, StepHead):
+            with torch.inference_mode():
+                torch.testing.assert_close(reference_step_logits(head, window), head(window), rtol=RTOL, atol=ATOL)
+                torch.testing.assert_close(reference_step_logits(head, window[0]), head(window[:1])[0])
+
+
+@pytest.mark.parametrize("qk_scale", [1.0, 5.0])
+def test_fast_equals_step_forward_over_a_stream_and_after_reset(qk_scale):
+    heads = make_heads(qk_scale=qk_scale)
+    runner = FastStepRunner(heads)
+    assert runner.fast_tasks == ["step0", "step1", "step2"]  # batched in one group
+    assert len(runner.groups) == 1 and "attentive" in runner.slow_tasks
+    frames = torch.randn(3 * T + 2, 1 + N_TOK, D)
+    assert stream(runner, heads, frames) == 2 * T + 3  # well past the cache's wrap point
+    assert len(runner._order) == T  # frames leaving the window are evicted
+    runner.reset()
+    assert stream(runner, heads, torch.randn(T + 2, 1 + N_TOK, D), first_id=1000) == 3
+    assert runner.fallbacks == 0 and runner.reference_predictions == 0
+
+
+def test_window_order_does_not_matter_to_the_cache():
+    """Blocks are keyed by frame, not position: a reversed or shuffled window is exact too."""
+    heads = make_heads(qk_scale=3.0)
+    runner = FastStepRunner(heads)
+    frames = torch.randn(2 * T, 1 + N_TOK, D)
+    stream(runner, heads, frames, order=np.arange(T)[::-1])
+    ids = np.arange(T, 2 * T)[np.random.RandomState(0).permutation(T)]
+    assert_same(runner.predict(frames[ids], ids), reference(heads, frames[ids]))
+    assert runner.fallbacks == 0
+
+
+def test_heads_with_different_attention_head_counts_form_groups():
+    torch.manual_seed(1)
+    heads = {"h1": StepHead(D, 3, T, N_TOK, num_heads=1).eval(), "h4": StepHead(D, 5, T, N_TOK, num_heads=4).eval()}
+    runner = FastStepRunner(heads)
+    assert len(runner.groups) == 2
+    stream(runner, heads, torch.randn(2 * T, 1 + N_TOK, D))
+
+
+def test_chunked_block_creation_is_identical():
+    heads = make_heads(qk_scale=2.0)
+    frames = torch.randn(2 * T, 1 + N_TOK, D)
+    a, b = FastStepRunner(heads), FastStepRunner(heads, chunk=1)
+    for i in range(len(frames)):
+        a.add_frame(i, frames[i])
+        b.add_frame(i, frames[i])
+    ids = np.arange(T, 2 * T)
+    assert_same(a.predict(frames[ids], ids), b.predict(frames[ids], ids))
+
+
+def test_non_default_step_config_uses_reference_forward(caplog):
+    extra = {"after": {"pe_position": "after"}, "tokwise": {"pe_scope": "token"}, "nocls": {"global_cls": False},
+             "both": {"tokens": "both"}, "full": {"block": "full"}}
+    heads = make_heads(extra=extra)
+    with caplog.at_level(logging.INFO, logger="step_ros.model.fast_step"):
+        runner = FastStepRunner(heads)
+    assert set(runner.slow_tasks) == {"attentive", *extra}
+    for task in extra:
+        assert fast_path_unsupported(heads[task]) is not None
+        assert sum(task in r.getMessage() for r in caplog.records) == 1  # said once, by name
+    stream(runner, heads, torch.randn(2 * T, 1 + N_TOK, D))
+    # sinusoidal / hybrid frame-wise PE before attention is the same algebra: fast path
+    sin = StepHead(D, 3, T, N_TOK, num_heads=H, pe="hybrid").eval()
+    none = StepHead(D, 3, T, N_TOK, num_heads=H, pe="none").eval()
+    both = {"sin": sin, "none": none}
+    runner = FastStepRunner(both)
+    assert runner.fast_tasks == ["sin", "none"]
+    stream(runner, both, torch.randn(2 * T, 1 + N_TOK, D))
+
+
+def test_extreme_logits_fall_back_and_are_counted():
+    heads = make_heads(qk_scale=40.0)
+    runner = FastStepRunner(heads)
+    stream(runner, heads, torch.randn(2 * T, 1 + N_TOK, D))
+    assert runner.fallbacks > 0
+    assert runner.fallback_reasons["numerics"] == runner.fallbacks
+
+
+def test_incomplete_and_unseen_windows():
+    heads = make_heads()
+    runner = FastStepRunner(heads)
+    frames = torch.randn(T, 1 + N_TOK, D)
+    for i in range(2):
+        runner.add_frame(i, frames[i])
+    padded = torch.cat([frames[:1].expand(T - 2, -1, -1), frames[:2]])  # front repeats the oldest
+    assert_same(runner.predict(padded, np.arange(2)), reference(heads, padded))
+    assert runner.reference_predictions == 1
+    # frames never passed to add_frame are cached from the window itself
+    ids = np.arange(100, 100 + T)
+    assert_same(runner.predict(frames, ids), reference(heads, frames))
+    assert sorted(runner._order) == ids.tolist()
+
+
+def test_memory_bytes_vit_s():
+    """ViT-S/14 at 224, T=16, 3 STEP heads: ~403 MB of stored blocks per head."""
+    heads = {f"t{i}": StepHead(384, 10, 16, 256, num_heads=6) for i in range(3)}
+    runner = FastStepRunner(heads)
+    blocks = 3 * 6 * 16 * 16 * 256 * 256 * 4
+    total = runner.memory_bytes(256)
+    assert blocks <= total < 1.2 * blocks
+    print(f"FastStepRunner cache, ViT-S, 3 heads: {total / 2**20:.0f} MiB (blocks {blocks / 2**20:.0f} MiB)")
+
+
+def multi_head_manifest():
+    data = tiny_manifest_dict(kinds=())
+    labels = ["pick_up", "put_down", "wave"]
+    data["heads"] = [
+        {"task": f"step{i}", "kind": "step", "labels": labels, "options": {"num_heads": 2}} for i in range(3)
+    ] + [{"task": "attentive", "kind": "attentive", "labels": labels, "options": {"num_heads": 2}}]
+    return data
+
+
+def test_streaming_engine_fast_runner_equals_reference_runner():
+    from step_ros.model.manifest import parse_manifest
+    from step_ros.model.multitask import MultiTaskModel
+
+    torch.manual_seed(0)
+    model = MultiTaskModel.from_manifest(parse_manifest(multi_head_manifest(), ROOT), load_checkpoints=False).eval()
+    with torch.no_grad():
+        for task in ("step0", "step1", "step2"):
+            model.heads[task].attn.qkv.weight[:128] *= 4
+    frames = random_frames(30)
+    stamps = [i * 0.1 for i in range(20)] + [5.0 + i * 0.1 for i in range(10)]  # a gap: reset
+    fast = FastStepRunner(model)
+    assert fast.fast_tasks == ["step0", "step1", "step2"]
+    tokens = dict(zip((f.tobytes() for f in frames), model.backbone.encode(frames)))  # encode once
+    engines = [StreamingEngine(model, runner=runner, min_frames=2, encode=lambda f: tokens[f.tobytes()])
+               for runner in (ReferenceRunner(model), fast)]
+    n = 0
+    for frame, stamp in zip(frames, stamps):
+        ref, out = (e.push(frame, stamp) for e in engines)
+        assert (ref is None) == (out is None)
+        if ref is None:
+            continue
+        n += 1
+        assert ref.window_complete == out.window_complete
+        for task, r in ref.tasks.items():
+            np.testing.assert_allclose(out.tasks[task].probs, r.probs, rtol=1e-5, atol=1e-6)
+            assert out.tasks[task].index == r.index
+    assert engines[1].stats.resets == {"gap": 1}
+    assert n > 10 and fast.fallbacks == 0 and fast.reference_predictions > 0

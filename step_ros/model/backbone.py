@@ -122,17 +122,41 @@ def _hf_model_class(arch: BackboneArch):
 # --------------------------------------------------------------------------- weights
 
 
+def sincos_position_table(shape: tuple[int, ...]) -> np.ndarray:
+    """2-D sine-cosine position embeddings (MAE style) for a (1, 1 + g*g, D) table, CLS row 0.
+
+    Random-weight mode only: a trained ViT's tokens know where in the image they are; tiny
+    random position vectors would drown in the patch content, leaving every frame a bag of
+    tokens in which no motion direction is visible.
+    """
+    _, rows, dim = shape
+    grid = int(round((rows - 1) ** 0.5))
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter) / quarter)
+    ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        angle = coord[:, None] * omega[None, :]
+        parts += [np.sin(angle), np.cos(angle)]
+    table = np.zeros((rows, dim))
+    table[1:, : 4 * quarter] = np.concatenate(parts, axis=1)
+    return table[None]
+
+
 def seeded_state_dict(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Deterministic initialisation independent of torch/transformers versions.
 
     Same scheme as transformers' DINOv2 init (truncated normal std 0.02, zero biases, unit
-    norms, LayerScale 1) but drawn from NumPy's legacy ``RandomState``, whose stream is frozen.
+    norms, LayerScale 1) but drawn from NumPy's legacy ``RandomState``, whose stream is frozen;
+    position embeddings are a fixed 2-D sine-cosine table (:func:`sincos_position_table`).
     """
     out = {}
     for name, tensor in model.state_dict().items():
         shape = tuple(tensor.shape)
         module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
-        if name.endswith("bias") or name.endswith("mask_token"):
+        if name.endswith("position_embeddings"):
+            value = sincos_position_table(shape)
+        elif name.endswith("bias") or name.endswith("mask_token"):
             value = np.zeros(shape)
         elif "norm" in module or name.endswith("lambda1"):
             value = np.ones(shape)

@@ -156,6 +156,11 @@ _PARAMETERS: list[tuple[str, Any, str, dict[str, Any]]] = [
     ("weights", "", "backbone weights path overriding the manifest's backbone.weights ('' = the manifest's)", {}),
     ("backend", "torch", "backbone inference backend: torch | onnxruntime | onnxruntime-int8 | tensorrt", {}),
     ("device", "auto", "device of the backbone: auto (cuda if available) | cpu | cuda | cuda:N", {}),
+    ("engine_cache_dir", "", "where exported ONNX graphs and TensorRT engines are cached ('' = "
+                             "$STEP_ROS_CACHE_DIR or ~/.cache/step_ros); engines are keyed by ONNX hash, "
+                             "TensorRT version, GPU and precision", {}),
+    ("force_engine_update", False, "re-export the ONNX graph and rebuild the TensorRT engine at start-up even "
+                                   "if a cached one matches", {}),
     ("head_runner", "fast", "how heads run on the window: fast (exact incremental STEP engine) | reference "
                             "(plain forward)", {}),
     ("frame_interval", 0, "sample every k-th valid camera frame into the window; 0 = the manifest's "
@@ -335,8 +340,9 @@ class HumanActionNode(Node):
             self.get_logger().warning(f"step_ros.deploy.backends unavailable ({exc}); encoding with the "
                                       f"backbone's own forward on the CPU")
             return None, "torch", "backbone.encode (cpu)"
-        encoder = create_encoder(p["backend"], model.backbone, device=device,
-                                 threads=p["num_threads"] or None)
+        encoder = create_encoder(p["backend"], model.backbone, p["engine_cache_dir"] or None, device=device,
+                                 threads=p["num_threads"] or None, force_engine_update=p["force_engine_update"],
+                                 fingerprint=model.backbone.fingerprint)
         try:
             info = ", ".join(f"{k}={v}" for k, v in encoder.describe().items()
                              if k in ("device", "providers", "precision", "threads"))

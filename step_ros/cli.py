@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("synth", cmd_synth, "generate the synthetic nearly-symmetric benchmark (videos + annotations.csv)")
     p.add_argument("--out", type=Path, default=Path("data/synthetic"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train", type=int, default=24, help="training videos per class")
+    p.add_argument("--train", type=int, default=96, help="training videos per class")
     p.add_argument("--val", type=int, default=4)
     p.add_argument("--test", type=int, default=8, help="known-context test videos per class")
     p.add_argument("--unknown", type=int, default=8, help="unknown-context test videos per class")
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEMO_MANIFEST.parent)
     p.add_argument("--work", type=Path, default=Path("runs/reproduce-demo"))
     _add_train_args(p)
+    p.set_defaults(epochs=30)  # the demo's recipe: 30 epochs over the 96-per-class benchmark
 
     # Subcommands whose arguments live beside their implementation (add_arguments/main).
     import importlib

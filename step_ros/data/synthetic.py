@@ -565,7 +565,7 @@ def generate(
     """Write ``out_dir/videos/*.mp4`` and ``out_dir/annotations.csv``; return the CSV path.
 
     ``videos_per_class`` maps known-context splits to videos per class (default
-    ``{'train': 24, 'val': 4, 'test': 8}``); ``unknown_per_class`` videos per class go to
+    ``{'train': 96, 'val': 4, 'test': 8}``); ``unknown_per_class`` videos per class go to
     split ``test`` with context ``unknown``. Object kinds cycle over ``OBJECTS`` within each
     (split, context, class), offset per class, so every kind appears in both contexts (and
     in every class when a group has at least four videos).
@@ -575,7 +575,7 @@ def generate(
     Every video is seeded on its own, so the output is identical for any ``workers``.
     """
     if videos_per_class is None:
-        videos_per_class = {"train": 24, "val": 4, "test": 8}
+        videos_per_class = {"train": 96, "val": 4, "test": 8}
     if size < 16 or size % 2:
         raise ValueError(f"size must be an even number >= 16 (yuv420p video), got {size}")
     unknown_splits = set(videos_per_class) - set(_SPLIT_IDS)

@@ -202,7 +202,8 @@ MODULE_COMMANDS: list[tuple[str, str, str]] = [
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("step_ros").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # not third parties
     try:
         result = args.func(args)
     except KeyboardInterrupt:

@@ -177,7 +177,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                                         dim=backbone.dim, frames=t, num_tokens=n)
         path = manifest.save(tmp / "manifest.yaml")
         node = run_soak(path, args.node_frames, args.node_fps, args.out / "node", size=args.frame_size,
-                        node_params=[f"num_threads:={args.threads}"])
+                        node_params=[f"num_threads:={args.threads}", *args.node_param])
         rows.append({"name": f"node over DDS @ {args.node_fps:g} fps, interval {k}", "node": node})
     config = {k: v for k, v in vars(args).items() if k != "func"}
     return {"config": config, "machine_peak_gflop_s": peak,
@@ -220,6 +220,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", action="store_true", help="also run the live node over DDS (short soak)")
     parser.add_argument("--node-frames", type=int, default=600)
     parser.add_argument("--node-fps", type=float, default=10.0)
+    parser.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",
+                        help="node parameter for the --node run, e.g. prediction_stride:=2")
     parser.add_argument("--cache", type=Path, default=Path("runs/onnx-cache"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
 

@@ -609,6 +609,10 @@ def test_corrupt_compressed_is_counted_and_png_frames_predict(compressed_node, l
         stream.send_raw(bad, valid=True)
     depth = CompressedImage(format="16UC1; compressedDepth png", data=b"\x00" * 16)
     stream.send_raw(depth, valid=False)
+    # let the inference thread decode (and reject) the sampled corrupt frame before the clip
+    # follows, so a busy machine cannot turn it into a keep-newest drop instead
+    listener.diag(COMP_FQN, lambda d: d.get("invalid/corrupt_compressed") == "1"
+                  and d.get("invalid/unsupported_encoding") == "1")
     frames = _clip("rise", seed=5, n=16)
     sampled = stream.send_clip(frames, BASE_NS + 10 * 10**9, lockstep=False)
     listener.wait(lambda: any(_ns(m.header.stamp) == sampled[-1][0] for m in stream.received()),

@@ -177,7 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEMO_MANIFEST.parent)
     p.add_argument("--work", type=Path, default=Path("runs/reproduce-demo"))
     _add_train_args(p)
-    p.set_defaults(epochs=30)  # the demo's recipe: 30 epochs over the 96-per-class benchmark
 
     # Subcommands whose arguments live beside their implementation (add_arguments/main).
     import importlib

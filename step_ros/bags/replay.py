@@ -368,7 +368,7 @@ def plot_timeline(spec: HeadSpec, records: list[dict], segments: list[Segment], 
 
     Nearly symmetric classes are shaded orange and their names drawn in orange.
     """
-    from ..training.report import plt
+    from ..training.report import plt, save_figure
 
     task = spec.task
     labels = list(spec.labels)
@@ -402,10 +402,7 @@ def plot_timeline(spec: HeadSpec, records: list[dict], segments: list[Segment], 
     ax.set_xlabel("bag time (s since the first image)")
     ax.set_title(title or f"{task}: predicted vs true label (orange: nearly symmetric classes)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- main entry

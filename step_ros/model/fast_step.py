@@ -88,7 +88,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .heads import MultiHeadAttention, StepHead, select_tokens
+from .heads import MultiHeadAttention, StepHead
 
 log = logging.getLogger(__name__)
 
@@ -124,25 +124,7 @@ def reference_step_logits(head: StepHead, window: torch.Tensor) -> torch.Tensor:
     """
     single = window.ndim == 3
     w = window[None] if single else window
-    x = select_tokens(w, head.tokens)
-    b, t, m, dim = x.shape
-    pe = head.positional()
-    if pe is not None and head.pe_position == "before":
-        x = x + pe
-    x = x.reshape(b, t * m, dim)
-    if head.global_cls is not None:
-        x = torch.cat([head.global_cls.expand(b, -1, -1), x], dim=1)
-    if head.block == "attention":
-        y = naive_attention(head.attn, x)
-    else:
-        y = x + naive_attention(head.attn, head.norm1(x))
-        if head.block == "full":
-            y = y + head.mlp(head.norm2(y))
-    if pe is not None and head.pe_position == "after":
-        start = 0 if head.global_cls is None else 1
-        frames_out = y[:, start:].reshape(b, t, m, dim) + pe
-        y = torch.cat([y[:, :start], frames_out.reshape(b, t * m, dim)], dim=1)
-    logits = head.classifier(y.mean(dim=1))
+    logits = head.classifier(head.pooled(w, attention=lambda x: naive_attention(head.attn, x)))
     return logits[0] if single else logits
 
 

@@ -143,15 +143,19 @@ class StepHead(nn.Module):
             pe = pe + self.fixed_pe
         return pe
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, attention: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The block; ``attention`` replaces ``self.attn`` (the naive benchmark baseline uses it)."""
+        attention = attention or self.attn
         if self.block == "attention":
-            return self.attn(x)
-        x = x + self.attn(self.norm1(x))
+            return attention(x)
+        x = x + attention(self.norm1(x))
         if self.block == "full":
             x = x + self.mlp(self.norm2(x))
         return x
 
-    def pooled(self, window: torch.Tensor) -> torch.Tensor:
+    def pooled(
+        self, window: torch.Tensor, attention: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """The mean-pooled attention output p (B, D) that the classifier reads."""
         x = select_tokens(window, self.tokens)
         b, t, m, d = x.shape
@@ -163,7 +167,7 @@ class StepHead(nn.Module):
         x = x.reshape(b, t * m, d)
         if self.global_cls is not None:
             x = torch.cat([self.global_cls.expand(b, -1, -1), x], dim=1)
-        y = self.attend(x)
+        y = self.attend(x, attention)
         if pe is not None and self.pe_position == "after":
             start = 0 if self.global_cls is None else 1
             frames_out = y[:, start:].reshape(b, t, m, d) + pe

@@ -332,7 +332,7 @@ def _print(r: dict, print_table) -> None:
 
 
 def _plot(actions, rss, sent_stamps, path: Path, manifest) -> Path:
-    from step_ros.training.report import plt
+    from step_ros.training.report import plt, save_figure
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     first = sent_stamps[0] if sent_stamps else 0
@@ -349,10 +349,7 @@ def _plot(actions, rss, sent_stamps, path: Path, manifest) -> Path:
     ax2.plot([s for s, _, _ in rss], [m for _, _, m in rss], "-", color="tab:red")
     ax2.set_ylabel("node RSS (MiB)")
     ax2.set_xlabel("time since the first frame (s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -57,6 +57,14 @@ def print_evaluation(report: dict, title: str = "") -> None:
         )
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a figure as PNG and free it (long jobs draw many)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_confusion(matrix: np.ndarray, labels: list[str], path: str | Path, title: str) -> Path:
     m = np.asarray(matrix, dtype=float)
     norm = m / np.maximum(1, m.sum(1, keepdims=True))
@@ -73,10 +81,7 @@ def plot_confusion(matrix: np.ndarray, labels: list[str], path: str | Path, titl
                 ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if norm[i, j] > 0.5 else "black")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_per_class(per_class: list[dict], path: str | Path, title: str) -> Path:
@@ -94,10 +99,7 @@ def plot_per_class(per_class: list[dict], path: str | Path, title: str) -> Path:
     ax.set_ylabel("accuracy")
     ax.set_title(title + "  (shaded: nearly symmetric)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_training(log: list[dict], path: str | Path) -> Path:
@@ -108,10 +110,7 @@ def plot_training(log: list[dict], path: str | Path) -> Path:
         ax.plot(epochs, [e[key] for e in log], label=key)
     ax.set_xlabel("epoch")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_comparison(rows: list[dict], path: str | Path, title: str) -> Path:
@@ -127,10 +126,7 @@ def plot_comparison(rows: list[dict], path: str | Path, title: str) -> Path:
     ax.set_ylabel("top-1")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_histogram(values_ms: dict[str, list[float]], path: str | Path, title: str) -> Path:
@@ -141,10 +137,7 @@ def plot_histogram(values_ms: dict[str, list[float]], path: str | Path, title: s
     ax.set_ylabel("count")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 __all__ = [
@@ -157,5 +150,6 @@ __all__ = [
     "plot_training",
     "print_evaluation",
     "print_table",
+    "save_figure",
     "write_json",
 ]

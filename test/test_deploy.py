@@ -208,3 +208,19 @@ def test_tensorrt_engine_build_cache_and_rebuild(tiny_model, tmp_path):
     fp32 = create_encoder("tensorrt", backbone, tmp_path, precision="fp32")
     assert fp32.runner.engine_path != engine and ".fp32." in fp32.runner.engine_path.name
     torch.testing.assert_close(fp32(frames[0]), backbone.encode(frames[0])[0], atol=1e-3, rtol=1e-3)
+
+
+def test_bench_command_small_configuration(tmp_path, capsys):
+    """`step-ros bench` end to end on a tiny configuration: every row present, ratios to baselines."""
+    from step_ros.cli import main
+
+    assert main(["bench", "--arch", "dinov2_vitt14", "--image-size", "56", "--frames", "4", "--frame-size", "64",
+                 "--repeat", "2", "--clip-repeat", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    names = [r["name"] for r in result["rows"]]
+    assert any(n.startswith("backbone torch") for n in names) and any("onnxruntime" in n for n in names)
+    stream = next(r for r in result["rows"] if r["name"] == "streaming: 1 backbone pass + 3 fast head(s)")
+    assert stream["backbone_passes_per_new_frame"] == 1 and stream["ratio_to_baseline"] > 0
+    assert any("token_pool 2 (approximate)" in n for n in names)  # 4 x 4 grid: pools to 2 x 2
+    assert (tmp_path / "bench_latency.png").stat().st_size > 0
+    assert "step-ros bench" in capsys.readouterr().out

@@ -120,10 +120,40 @@ def test_heads_with_different_attention_head_counts_form_groups():
     stream(runner, heads, torch.randn(2 * T, 1 + N_TOK, D))
 
 
+def test_token_pooled_heads_are_exact_for_their_own_forward():
+    """token_pool=2 is a cheaper model (2 x 2 patch averages); the fast engine computes *that*
+    model exactly, in its own group beside unpooled heads."""
+    torch.manual_seed(2)
+    n = 16  # a 4 x 4 grid
+    heads = {"full": StepHead(D, 3, T, n, num_heads=H).eval(),
+             "pooled": StepHead(D, 4, T, n, num_heads=H, token_pool=2).eval(),
+             "pooled4": StepHead(D, 5, T, n, num_heads=H, token_pool=4).eval()}
+    runner = FastStepRunner(heads)
+    assert sorted(g.pool for g in runner.groups) == [1, 2, 4] and not runner.slow_tasks
+    frames = torch.randn(2 * T + 1, 1 + n, D)
+    assert stream(runner, heads, frames) == T + 2
+    assert runner.groups[[g.pool for g in runner.groups].index(2)].n == 4
+    assert runner.memory_bytes() < FastStepRunner({"full": heads["full"]}).memory_bytes(n) * 3
+    with pytest.raises(ValueError, match="token_pool 3"):
+        StepHead(D, 3, T, n, token_pool=3)
+    with pytest.raises(ValueError, match="tokens='patch'"):
+        StepHead(D, 3, T, n, token_pool=2, tokens="both")
+
+
+def test_pool_patch_grid_averages_neighbourhoods():
+    from step_ros.model.heads import pool_patch_grid
+
+    grid = torch.arange(16.0).reshape(1, 16, 1)  # row-major 4 x 4
+    assert pool_patch_grid(grid, 2)[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert pool_patch_grid(grid, 1) is grid
+    with pytest.raises(ValueError, match="square patch grid"):
+        pool_patch_grid(torch.zeros(1, 12, 1), 2)
+
+
 def test_chunked_block_creation_is_identical():
     heads = make_heads(qk_scale=2.0)
     frames = torch.randn(2 * T, 1 + N_TOK, D)
-    a, b = FastStepRunner(heads), FastStepRunner(heads, chunk=1)
+    a, b = FastStepRunner(heads, tile=16), FastStepRunner(heads, tile=3)
     for i in range(len(frames)):
         a.add_frame(i, frames[i])
         b.add_frame(i, frames[i])

@@ -162,6 +162,21 @@ def test_validation_reasons(rgb):
         validate_image(too_long)
 
 
+def test_frame_queue_is_bounded_fifo_dropping_the_oldest():
+    _require_ros()
+    from step_ros.ros.node import FrameQueue
+
+    q = FrameQueue(2)
+    assert [q.put(i) for i in range(4)] == [False, False, True, True]  # 0 and 1 dropped
+    assert len(q) == 2 and q.take(0.01) == 2 and q.take(0.01) == 3
+    started = time.monotonic()
+    assert q.take(0.05) is None and time.monotonic() - started >= 0.04  # empty: waits, then None
+    threading.Timer(0.05, q.put, args=("late",)).start()
+    assert q.take(5.0) == "late"  # a waiting consumer wakes up on put
+    q.close()
+    assert q.take(5.0) is None
+
+
 # =========================================================================== DDS fixtures
 
 

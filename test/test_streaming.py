@@ -57,6 +57,33 @@ def test_streaming_equals_clip_recomputation_past_wrap(tiny_model):
     print(f"backbone passes per prediction (steady state, stride 1): {steady:.0f}")
 
 
+def test_stride_and_deferred_predictions(tiny_model):
+    """stride 2 predicts every second sampled frame; a postponed prediction comes with the next
+    sampled frame, whose window is still exactly the last T sampled frames."""
+    t = tiny_model.manifest.frames
+    frames = random_frames(12 * t)
+    k = tiny_model.manifest.frame_interval
+    plain = StreamingEngine(tiny_model, stride=2)
+    got_plain = {i: plain.process(f, stamp=i * 0.1) for i, f in enumerate(frames) if plain.offer()}
+    made = [i for i, p in got_plain.items() if p is not None]
+    assert np.diff(made).tolist() == [2 * k] * (len(made) - 1)
+    first = made[0]
+    behind = {first, first + 5 * k}  # the caller is behind when these two predictions are due
+    deferring = StreamingEngine(tiny_model, stride=2)
+    got_deferring = {i: deferring.process(f, stamp=i * 0.1, predict=i not in behind)
+                     for i, f in enumerate(frames) if deferring.offer()}
+    deferred = [i for i, p in got_deferring.items() if p is not None]
+    assert deferring.stats.deferred == 2
+    # each postponed prediction comes one sampled frame later; the stride restarts from there
+    assert deferred[:4] == [first + k, first + 3 * k, first + 6 * k, first + 8 * k]
+    assert deferring.stats.backbone_passes == plain.stats.backbone_passes  # every sampled frame entered
+    for i in deferred:  # same window content as the plain engine would have had at frame i
+        ref = StreamingEngine(tiny_model, stride=1)
+        expected = [ref.push(f, stamp=j * 0.1) for j, f in enumerate(frames[: i + 1])][-1]
+        for task, result in got_deferring[i].tasks.items():
+            np.testing.assert_allclose(result.probs, expected.tasks[task].probs, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "reason, frame_fn, stamp_fn",
     [

@@ -230,6 +230,9 @@ class OnnxRuntimeEncoder(Encoder):
         if threads:
             opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
+        # No busy-waiting after a run: the STEP heads (PyTorch) run on the same cores right after
+        # the backbone, and ONNX Runtime's spinning workers would take their CPU time.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         self.onnx_path = Path(onnx_path)
         self.session = ort.InferenceSession(str(self.onnx_path), sess_options=opts, providers=providers)

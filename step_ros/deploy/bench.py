@@ -7,9 +7,11 @@ peak measured in the same run):
 2. one prediction, streaming (one new frame's backbone pass + three exact fast STEP heads) vs
    recomputing the 16-frame clip with naive heads (today's way) and with fused-SDPA heads;
 3. one head vs three heads on the shared window (streaming): what the second and third head add;
+   and, clearly named, the approximate ``token_pool`` heads (``--token-pool``, default 2);
 4. the heads alone: naive reference vs fused SDPA vs the exact fast runner, 1 and 3 heads;
-5. optionally (``--node``) the live node over DDS: stamp -> /human_action latency, sustained
-   rate and memory (a short soak, ``step-ros soak`` runs the long one).
+5. optionally (``--node``, or ``--node-only`` to skip rows 1-4) the live node over DDS: stamp ->
+   /human_action latency, sustained rate, drops, postponed predictions and memory (a short
+   soak; ``step-ros soak`` runs the long one); ``--node-token-pool`` gives its heads pooling.
 
 Writes ``bench.json`` and ``bench_latency.png`` into ``--out`` and prints a table.  The default
 is the deployment configuration of the issue: DINOv2 ViT-S/14 at 224, T = 16, frame interval 2,
@@ -39,13 +41,17 @@ def backbone_flops(arch, image_size: int) -> float:
     return 2.0 * (arch.num_layers * per_layer + n * 3 * arch.patch_size**2 * d)
 
 
-def bench_manifest(arch: str, image_size: int, frames: int, interval: int, num_heads: int, root: Path):
+def bench_manifest(arch: str, image_size: int, frames: int, interval: int, num_heads: int, root: Path,
+                   token_pool: int = 1):
     """A manifest with ``num_heads`` STEP heads on a random-weight backbone (for timing only)."""
     from ..data.synthetic import ATOMIC_ACTIONS, FINE_ACTIONS, OBJECTS, SYMMETRIC_PAIRS
     from ..model.manifest import parse_manifest
 
     tasks = [("fine_action", FINE_ACTIONS), ("atomic_action", ATOMIC_ACTIONS), ("object_in_use", OBJECTS)]
     heads = [{"task": t, "kind": "step", "labels": labels} for t, labels in tasks[:num_heads]]
+    if token_pool > 1:
+        for h in heads:
+            h["options"] = {"token_pool": token_pool}
     heads[0]["symmetric_pairs"] = [list(p) for p in SYMMETRIC_PAIRS]
     data = {"name": f"bench-{arch}", "backbone": {"arch": arch, "random_seed": 0, "image_size": image_size},
             "frames": frames, "frame_interval": interval, "heads": heads}
@@ -83,92 +89,108 @@ def run_bench(args: argparse.Namespace) -> dict:
     from ..model.fast_step import FastStepRunner, reference_step_logits
     from ..model.multitask import MultiTaskModel
     from ..model.streaming import ReferenceRunner, StreamingEngine
+    from ..model.heads import create_head
     from .backends import create_encoder
     from .bench_heads import bench_heads, measure_peak_gflops
 
+    if args.node_token_pool != 1 and not args.node_only:
+        raise ValueError("--node-token-pool needs --node-only (the other rows time the exact heads)")
     torch.set_num_threads(args.threads)
     peak = measure_peak_gflops()
     tmp = Path(tempfile.mkdtemp(prefix="step_ros_bench_"))
-    manifest = bench_manifest(args.arch, args.image_size, args.frames, args.interval, 3, tmp)
+    manifest = bench_manifest(args.arch, args.image_size, args.frames, args.interval, 3, tmp,
+                              token_pool=args.node_token_pool if args.node_only else 1)
     model = MultiTaskModel.from_manifest(manifest, load_checkpoints=False)
     backbone = model.backbone
     t, k = manifest.frames, manifest.frame_interval
     video = render_clip("pick_up", seed=0, size=args.frame_size, num_frames=(t - 1) * k + 1 + args.repeat * k + 8)
     rows: list[dict] = [{"name": "fp32 matmul peak (2048^3)", "gflop_s": peak, "threads": args.threads}]
     bb_flops = backbone_flops(backbone.arch, backbone.image_size)
-
-    # 1. backbone backends --------------------------------------------------------------
-    frames = video[: max(4, args.repeat)]
-    encoders = {"torch": create_encoder("torch", backbone, device="cpu")}
-    for name in ["onnxruntime"] + (["onnxruntime-int8"] if args.int8 else []):
-        try:
-            encoders[name] = create_encoder(name, backbone, args.cache, device="cpu", threads=args.threads)
-        except ImportError as exc:
-            rows.append({"name": f"backbone {name}", "skipped": str(exc)})
-    base = None
-    reference_tokens = [backbone.encode(f[None])[0] for f in frames]
-    for name, enc in encoders.items():
-        it = iter(range(10**9))
-        times = _times(lambda: enc(frames[next(it) % len(frames)]), args.repeat)
-        err = max(float((enc(f) - r).abs().max()) for f, r in zip(frames, reference_tokens))
-        row = _row(f"backbone {name} (1 frame)", times, bb_flops, peak, base, max_abs_err_vs_torch=err)
-        base = base or row
-        rows.append(row)
-
-    # 2. one prediction: streaming vs clip recomputation ----------------------------------
-    with torch.inference_mode():
-        window_frames = video[0 : (t - 1) * k + 1 : k]
-
-        def clip_naive():
-            window = backbone.encode(window_frames)
-            return [reference_step_logits(h, window) for h in model.heads.values()]
-
-        def clip_sdpa():
-            return model(backbone.encode(window_frames)[None])
-
-        clip_row = _row(f"clip recompute: {t} backbone passes + 3 naive heads", _times(clip_naive, args.clip_repeat, 0),
-                        None, peak, None, backbone_passes_per_prediction=t)
-        rows.append(clip_row)
-        rows.append(_row(f"clip recompute: {t} backbone passes + 3 SDPA heads", _times(clip_sdpa, args.clip_repeat, 0),
-                         None, peak, clip_row, backbone_passes_per_prediction=t))
-
-        def streaming_rows(num_heads: int, runner_name: str) -> dict:
-            sub_manifest = copy.copy(manifest)
-            sub_manifest.heads = manifest.heads[:num_heads]
-            sub = MultiTaskModel(sub_manifest, backbone, {s.task: model.heads[s.task] for s in sub_manifest.heads})
-            runner = FastStepRunner(sub) if runner_name == "fast" else ReferenceRunner(sub)
-            engine = StreamingEngine(sub, frame_interval=1, runner=runner)
-            stamps = iter(np.arange(10**6) * 0.1)
-            sampled = iter(video[::k])
-            for _ in range(t - 1):  # fill the window
-                engine.push(next(sampled), next(stamps))
-            times = _times(lambda: engine.push(next(sampled), next(stamps)), args.repeat, warmup=1)
-            passes = engine.stats.backbone_passes / max(1, engine.stats.predictions + t - 1)
-            return _row(f"streaming: 1 backbone pass + {num_heads} {runner_name} head(s)", times, None, peak, clip_row,
-                        backbone_passes_per_new_frame=round(passes, 3),
-                        ratio_to_backbone=statistics.median(times) / base["ms_median"])
-
-        stream3 = streaming_rows(3, "fast")
-        stream1 = streaming_rows(1, "fast")
-        rows += [stream3, stream1, streaming_rows(3, "reference")]
-        added = stream3["ms_median"] - stream1["ms_median"]
-        first = stream1["ms_median"]
-        rows.append({"name": "heads 2+3 add (streaming, fast)", "ms_median": added,
-                     "baseline": "1-head pipeline", "ratio_to_baseline": added / first,
-                     "note": "< 1: the second and third head cost less than the first head's whole pipeline"})
-
-    # 4. heads alone ----------------------------------------------------------------------
     n = backbone.num_patches
-    for r in bench_heads(backbone.dim, n, t, backbone.arch.num_heads, 3, repeats=args.repeat,
-                         include_naive=True)[1:]:
-        rows.append({"name": "heads only: " + r["name"], "ms_median": r["ms_median"], "ms_p95": r["ms_p95"],
-                     "baseline": f"naive head x{r['heads']}", "ratio_to_baseline": r["ratio_to_naive"],
-                     "gflop": r["gflop"], "frac_peak": r["frac_peak"],
-                     **({"memory_mb": r["memory_mb"]} if "memory_mb" in r else {})})
+
+    if not args.node_only:  # rows 1-4
+        # 1. backbone backends --------------------------------------------------------------
+        frames = video[: max(4, args.repeat)]
+        encoders = {"torch": create_encoder("torch", backbone, device="cpu")}
+        for name in ["onnxruntime"] + (["onnxruntime-int8"] if args.int8 else []):
+            try:
+                encoders[name] = create_encoder(name, backbone, args.cache, device="cpu", threads=args.threads)
+            except ImportError as exc:
+                rows.append({"name": f"backbone {name}", "skipped": str(exc)})
+        base = None
+        reference_tokens = [backbone.encode(f[None])[0] for f in frames]
+        for name, enc in encoders.items():
+            it = iter(range(10**9))
+            times = _times(lambda: enc(frames[next(it) % len(frames)]), args.repeat)
+            err = max(float((enc(f) - r).abs().max()) for f, r in zip(frames, reference_tokens))
+            row = _row(f"backbone {name} (1 frame)", times, bb_flops, peak, base, max_abs_err_vs_torch=err)
+            base = base or row
+            rows.append(row)
+
+        # 2. one prediction: streaming vs clip recomputation ----------------------------------
+        with torch.inference_mode():
+            window_frames = video[0 : (t - 1) * k + 1 : k]
+
+            def clip_naive():
+                window = backbone.encode(window_frames)
+                return [reference_step_logits(h, window) for h in model.heads.values()]
+
+            def clip_sdpa():
+                return model(backbone.encode(window_frames)[None])
+
+            clip_row = _row(f"clip recompute: {t} backbone passes + 3 naive heads", _times(clip_naive, args.clip_repeat, 0),
+                            None, peak, None, backbone_passes_per_prediction=t)
+            rows.append(clip_row)
+            rows.append(_row(f"clip recompute: {t} backbone passes + 3 SDPA heads", _times(clip_sdpa, args.clip_repeat, 0),
+                             None, peak, clip_row, backbone_passes_per_prediction=t))
+
+            def streaming_rows(num_heads: int, runner_name: str, token_pool: int = 1) -> dict:
+                sub_manifest = copy.copy(manifest)
+                sub_manifest.heads = manifest.heads[:num_heads]
+                heads = {s.task: model.heads[s.task] for s in sub_manifest.heads}
+                if token_pool > 1:  # same heads' shapes, pooled tokens: the approximate mode
+                    heads = {s.task: create_head("step", backbone.dim, len(s.labels), t, n,
+                                                 {"token_pool": token_pool}).eval() for s in sub_manifest.heads}
+                sub = MultiTaskModel(sub_manifest, backbone, heads)
+                runner = FastStepRunner(sub) if runner_name == "fast" else ReferenceRunner(sub)
+                engine = StreamingEngine(sub, frame_interval=1, runner=runner)
+                stamps = iter(np.arange(10**6) * 0.1)
+                sampled = iter(video[::k])
+                for _ in range(t - 1):  # fill the window
+                    engine.push(next(sampled), next(stamps))
+                times = _times(lambda: engine.push(next(sampled), next(stamps)), args.repeat, warmup=1)
+                passes = engine.stats.backbone_passes / max(1, engine.stats.predictions + t - 1)
+                mode = f", token_pool {token_pool} (approximate)" if token_pool > 1 else ""
+                return _row(f"streaming: 1 backbone pass + {num_heads} {runner_name} head(s){mode}", times, None, peak,
+                            clip_row,
+                            backbone_passes_per_new_frame=round(passes, 3),
+                            ratio_to_backbone=statistics.median(times) / base["ms_median"])
+
+            stream3 = streaming_rows(3, "fast")
+            stream1 = streaming_rows(1, "fast")
+            rows += [stream3, stream1, streaming_rows(3, "reference")]
+            if args.token_pool > 1:
+                try:
+                    rows.append(streaming_rows(3, "fast", args.token_pool))
+                except ValueError as exc:  # the patch grid does not divide
+                    rows.append({"name": f"streaming, token_pool {args.token_pool}", "skipped": str(exc)})
+            added = stream3["ms_median"] - stream1["ms_median"]
+            first = stream1["ms_median"]
+            rows.append({"name": "heads 2+3 add (streaming, fast)", "ms_median": added,
+                         "baseline": "1-head pipeline", "ratio_to_baseline": added / first,
+                         "note": "< 1: the second and third head cost less than the first head's whole pipeline"})
+
+        # 4. heads alone ----------------------------------------------------------------------
+        for r in bench_heads(backbone.dim, n, t, backbone.arch.num_heads, 3, repeats=args.repeat,
+                             include_naive=True)[1:]:
+            rows.append({"name": "heads only: " + r["name"], "ms_median": r["ms_median"], "ms_p95": r["ms_p95"],
+                         "baseline": f"naive head x{r['heads']}", "ratio_to_baseline": r["ratio_to_naive"],
+                         "gflop": r["gflop"], "frac_peak": r["frac_peak"],
+                         **({"memory_mb": r["memory_mb"]} if "memory_mb" in r else {})})
 
     # 5. the live node ----------------------------------------------------------------------
     node = None
-    if args.node:
+    if args.node or args.node_only:
         from ..model.multitask import save_head
         from ..ros.soak import run_soak
 
@@ -218,6 +240,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-repeat", type=int, default=3, help="timed repetitions of the (slow) clip rows")
     parser.add_argument("--int8", action="store_true", help="include the int8 ONNX Runtime backbone")
     parser.add_argument("--node", action="store_true", help="also run the live node over DDS (short soak)")
+    parser.add_argument("--node-only", action="store_true", help="only the live node row (implies --node)")
+    parser.add_argument("--token-pool", type=int, default=2,
+                        help="also time the approximate token-pooled heads (k x k patch averages); 1 = skip")
+    parser.add_argument("--node-token-pool", type=int, default=1,
+                        help="token_pool of the node run's heads (with --node-only; 1 = exact STEP heads)")
     parser.add_argument("--node-frames", type=int, default=600)
     parser.add_argument("--node-fps", type=float, default=10.0)
     parser.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",
@@ -234,6 +261,7 @@ def main(args: argparse.Namespace) -> int:
     write_json(result, args.out / "bench.json")
     hist = {r["name"]: r["times_ms"] for r in result["rows"]
             if "times_ms" in r and r["name"].startswith(("streaming", "clip"))}
-    plot_histogram(hist, args.out / "bench_latency.png", "ms per prediction: streaming vs clip recomputation")
+    if hist:
+        plot_histogram(hist, args.out / "bench_latency.png", "ms per prediction: streaming vs clip recomputation")
     print(f"wrote {args.out / 'bench.json'}")
     return 0

@@ -88,12 +88,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .heads import MultiHeadAttention, StepHead
+from .heads import MultiHeadAttention, StepHead, pool_patch_grid
 
 log = logging.getLogger(__name__)
 
 #: Above this logit spread (in both factors of one block at once) a prediction falls back.
 RANGE_LIMIT = 60.0
+#: Frames per batch of new blocks in ``add_frame`` (measured: smaller tiles only add call overhead).
+DEFAULT_TILE = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,20 +154,22 @@ def fast_path_unsupported(head: nn.Module) -> str | None:
 
 
 class _StepGroup:
-    """K STEP heads with the same number of attention heads H, computed in batched calls.
+    """K STEP heads with the same number of attention heads H and the same token pooling,
+    computed in batched calls (``n`` below is the pooled token count).
 
     Tensor layout: K (STEP heads), H (attention heads), slots s (frame cache slots, T of them),
     positions P (window positions, T of them), n tokens, d head width.
     """
 
-    def __init__(self, tasks: list[str], heads: list[StepHead], frames: int, chunk: int | None = None) -> None:
+    def __init__(self, tasks: list[str], heads: list[StepHead], frames: int, tile: int | None = None) -> None:
         self.tasks, self.heads, self.T = tasks, heads, frames
         self.K = len(heads)
+        self.pool = heads[0].token_pool
         self.H = heads[0].attn.num_heads
         self.D = heads[0].attn.qkv.in_features
         self.d = self.D // self.H
         self.n: int | None = None
-        self.chunk = max(1, min(chunk or self.H, self.H))
+        self.tile = max(1, min(tile or DEFAULT_TILE, frames))
         self.refresh()
 
     # -- constants: position and CLS terms, weights --------------------------------------------
@@ -213,7 +217,7 @@ class _StepGroup:
             "U": (K, H, T, T, n),  # [P, slot F, l]: exp(gamma - mu)
             "Ut": (K, H, T, n, T),  # [slot F, l, P]: U again, in the layout E @ U wants
             "mu": (K, H, T, T),  # [P, slot F]: max_l gamma
-            "scratch": (self.chunk, T, n, n),  # new blocks of `chunk` attention heads
+            "scratch": (self.tile, n, n),  # new blocks of one attention head, `tile` frames
             "mx_r": (K, H, T, n),  # row / column blocks of the newest frame: row max of S,
             "eu_r": (K, H, T, n, T),  # E @ U
             "mx_c": (K, H, T, n),
@@ -239,9 +243,7 @@ class _StepGroup:
         (sorted slots now holding frames, ``x`` included): row blocks (x, F) and column blocks
         (G, x); the (x, x) block is made twice, with the same values.
 
-        Blocks are made for ``chunk`` attention heads of one STEP head at a time, so that the
-        new scores stay in cache between the GEMM, the row max, the exp that turns them into
-        ``E`` and the ``E @ U`` product; fewer, larger chunks mean fewer calls.
+        Blocks are made ``tile`` frames of one attention head at a time (see the loop).
         """
         K, H, T, d = self.K, self.H, self.T, self.d
         n = patches.shape[0]
@@ -267,31 +269,35 @@ class _StepGroup:
         self.delta[:, :, x] = torch.einsum("khnd,khd->khn", a, self.kg)
         self.eps[:, :, x] = torch.einsum("khnd,khd->khn", b, self.qg)
 
-        # The big work, ``chunk`` attention heads of one STEP head at a time, so that the new
-        # scores (``chunk * T n^2`` floats, 4 MB per head for ViT-S) stay in cache from the GEMM
-        # through the row max and the exp to E @ U.
+        # The big work, one attention head and ``tile`` frames at a time: every call is a large
+        # batched GEMM or a plain elementwise pass (measured on 2 cores: batching several
+        # attention heads per call was slower, smaller tiles only added call overhead).
         mx_r, mx_c = (self._dense(buf, (K, H, g, n)) for buf in (self.mx_r, self.mx_c))
         eu_r, eu_c = (self._dense(buf, (K, H, g, n, T)) for buf in (self.eu_r, self.eu_c))
-        for k in range(K):
-            for h0 in range(0, H, self.chunk):
-                hs = slice(h0, min(H, h0 + self.chunk))
-                c = hs.stop - hs.start
-                sc = self._dense(self.scratch, (c, g, n, n))
-                # row blocks (x, F): [F, j, l] = a_x[j] . b_F[l]
-                torch.matmul(self.a[k, hs, x][:, None], self.b[k, hs, idx].transpose(-1, -2), out=sc)
-                torch.amax(sc, -1, out=mx_r[k, hs])
-                dest = self.E[k, x, hs] if full else sc  # (c, F, n, n), dense
-                torch.sub(sc, mx_r[k, hs, ..., None], out=dest).exp_()  # E = exp(S - rowmax)
-                torch.matmul(dest, self.Ut[k, hs, idx], out=eu_r[k, hs])  # (c, F, n, P)
-                if not full:
-                    self.E[k, x, hs, idx] = sc
-                # column blocks (G, x): [G, j, l] = a_G[j] . b_x[l]  (one GEMM per attention head)
-                flat = sc.view(c, g * n, n)
-                torch.bmm(self.a[k, hs, idx].reshape(c, g * n, d), self.b[k, hs, x].transpose(-1, -2), out=flat)
-                torch.amax(sc, -1, out=mx_c[k, hs])
-                sc.sub_(mx_c[k, hs, ..., None]).exp_()
-                torch.bmm(flat, self.Ut[k, hs, x], out=eu_c[k, hs].view(c, g * n, T))
-                self.E[k, idx, hs, x] = sc.transpose(0, 1)
+        for f0 in range(0, g, self.tile):
+            f1 = min(g, f0 + self.tile)
+            t = f1 - f0
+            fs: Any = slice(filled[f0], filled[f0] + t) if full else torch.tensor(filled[f0:f1], dtype=torch.long)
+            sc = self._dense(self.scratch, (t, n, n))
+            flat = sc.view(t * n, n)
+            for k in range(K):
+                for h in range(H):
+                    # row blocks (x, F): [F, j, l] = a_x[j] . b_F[l]
+                    torch.matmul(self.a[k, h, x], self.b[k, h, fs].transpose(-1, -2), out=sc)
+                    mr = mx_r[k, h, f0:f1]
+                    torch.amax(sc, -1, out=mr)
+                    dest = self.E[k, x, h, fs] if full else sc  # (t, n, n), dense
+                    torch.sub(sc, mr[..., None], out=dest).exp_()  # E = exp(S - rowmax)
+                    torch.matmul(dest, self.Ut[k, h, fs], out=eu_r[k, h, f0:f1])  # (t, n, P)
+                    if not full:
+                        self.E[k, x, h, fs] = sc
+                    # column blocks (G, x): [G, j, l] = a_G[j] . b_x[l]  (one GEMM)
+                    torch.matmul(self.a[k, h, fs].reshape(t * n, d), self.b[k, h, x].t(), out=flat)
+                    mc = mx_c[k, h, f0:f1]
+                    torch.amax(sc, -1, out=mc)
+                    sc.sub_(mc[..., None]).exp_()
+                    torch.matmul(flat, self.Ut[k, h, x], out=eu_c[k, h, f0:f1].view(t * n, T))
+                    self.E[k, fs, h, x] = sc
         # log-domain bookkeeping, batched over all heads
         eu = eu_r.log_()  # (K, H, F, n, P): log(E_j . U^F[:, P])
         self.rho[:, :, :, x, idx] = eu.amax(3).neg_().transpose(-1, -2)
@@ -370,11 +376,9 @@ class FastStepRunner:
     every other head runs its normal forward on the window.  Caches are keyed by frame id and
     hold at most ``T`` frames (the oldest is evicted when a frame arrives into a full cache).
 
-    ``chunk``: attention heads whose new blocks are made in one batch of calls in
-    :meth:`add_frame` (default: all ``H`` of a STEP head; scratch ``chunk T n^2`` floats,
-    25 MB for ViT-S).  Same numbers for every value.  ``chunk=1`` keeps the scratch in L2 and
-    was ~10% faster single-threaded, but makes ``H`` times more calls, and every multi-threaded
-    call waits for its slowest thread: on cores shared with other processes that cost 2-3x.
+    ``tile``: frames whose new blocks are made in one batch of calls in :meth:`add_frame`
+    (default :data:`DEFAULT_TILE`: all of them; scratch ``tile n^2`` floats, 4 MB for ViT-S).
+    Same numbers for every value; a smaller tile only saves scratch memory.
 
     Weights are read at construction: after changing a head's weights call :meth:`refresh`.
     Counters: ``fallbacks`` (fast-path predictions recomputed by the reference forward for
@@ -382,7 +386,7 @@ class FastStepRunner:
     use the reference forward by design).
     """
 
-    def __init__(self, model: Any, frames: int | None = None, chunk: int | None = None) -> None:
+    def __init__(self, model: Any, frames: int | None = None, tile: int | None = None) -> None:
         heads = getattr(model, "heads", model)
         if not isinstance(heads, Mapping) and not isinstance(heads, nn.ModuleDict):
             raise TypeError("FastStepRunner needs a MultiTaskModel or a mapping {task: head}")
@@ -392,18 +396,18 @@ class FastStepRunner:
         if self.frames is None:
             self.frames = next(h.frames for h in self.heads.values() if hasattr(h, "frames"))
         self.slow_tasks: dict[str, str] = {}
-        groups: dict[int, list[str]] = {}
+        groups: dict[tuple[int, int], list[str]] = {}  # (attention heads, token_pool) -> tasks
         for task, head in self.heads.items():
             why = fast_path_unsupported(head)
             if why is None and head.frames != self.frames:
                 why = f"head has {head.frames} frames, the window {self.frames}"
             if why is None:
-                groups.setdefault(head.attn.num_heads, []).append(task)
+                groups.setdefault((head.attn.num_heads, head.token_pool), []).append(task)
             else:
                 self.slow_tasks[task] = why
                 if isinstance(head, StepHead):
                     log.info("fast STEP engine: head %r uses the reference forward: %s", task, why)
-        self.groups = [_StepGroup(ts, [self.heads[t] for t in ts], self.frames, chunk) for ts in groups.values()]
+        self.groups = [_StepGroup(ts, [self.heads[t] for t in ts], self.frames, tile) for ts in groups.values()]
         self.fallbacks = 0
         self.reference_predictions = 0
         self.fallback_reasons: Counter = Counter()
@@ -432,7 +436,7 @@ class FastStepRunner:
         frame_id = int(frame_id)
         if frame_id in self._slot_of or not self.groups:
             return
-        if self.groups[0].n not in (None, tokens.shape[0] - 1):
+        if any(g.n not in (None, (tokens.shape[0] - 1) // g.pool**2) for g in self.groups):
             self.reset()  # a different token count (image size): nothing cached can be reused
         if len(self._order) >= self.frames:
             self._evict(self._order[0])
@@ -443,7 +447,7 @@ class FastStepRunner:
         filled = sorted(self._slot_of.values())
         patches = tokens[1:].detach().to(torch.float32)
         for g in self.groups:
-            g.add_frame(slot, filled, patches)
+            g.add_frame(slot, filled, pool_patch_grid(patches, g.pool))
 
     @torch.inference_mode()
     def predict(self, window: torch.Tensor, frame_ids: Iterable[int] | np.ndarray) -> dict[str, torch.Tensor]:
@@ -498,11 +502,11 @@ class FastStepRunner:
         """Bytes of the frame and block caches (allocated on the first frame, then kept):
         about ``4 K H T^2 n^2`` (the stored blocks) + ``4 K H T^3 n`` + ``O(K T n D)``.
         ``num_tokens`` (n) gives the figure before any frame was seen."""
-        return sum(g.memory_bytes(num_tokens) for g in self.groups)
+        return sum(g.memory_bytes(num_tokens and num_tokens // g.pool**2) for g in self.groups)
 
     def flops_per_frame(self, num_tokens: int) -> float:
         """FLOPs of the fast STEP heads per new frame (add_frame + predict, steady state)."""
-        return sum(g.flops_per_frame(num_tokens) for g in self.groups)
+        return sum(g.flops_per_frame(num_tokens // g.pool**2) for g in self.groups)
 
 
 __all__ = [

@@ -8,7 +8,8 @@ Kinds (the ``kind`` field of a manifest head, see :data:`HEAD_KINDS`):
 * ``step``: STEP (SPEC section 1): frame-wise learnable temporal PE added to every patch
   token *before* attention, one global CLS token, one bare multi-head self-attention layer,
   mean pooling over all output tokens, one linear classifier.  Ablation switches of the
-  papers are constructor arguments.
+  papers are constructor arguments; ``token_pool`` (not in the papers) averages k x k patch
+  neighbourhoods first: a cheaper, approximate variant for slow CPUs (see :func:`pool_patch_grid`).
 * ``self_attention``: the self-attention probing baseline (frame patch + CLS tokens, a
   standard transformer block, mean pooling) -- expressed as a preset of the same class.
 * ``attentive``: attentive probing (V-JEPA / CoCa pooler): one learnable query
@@ -18,6 +19,7 @@ Kinds (the ``kind`` field of a manifest head, see :data:`HEAD_KINDS`):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -41,6 +43,23 @@ def select_tokens(window: torch.Tensor, tokens: TokenSet) -> torch.Tensor:
     if tokens == "both":
         return window
     raise ValueError(f"tokens must be 'patch', 'cls' or 'both', got {tokens!r}")
+
+
+def pool_patch_grid(patches: torch.Tensor, k: int) -> torch.Tensor:
+    """Average k x k neighbourhoods of the square patch grid: (..., n, D) -> (..., n / k^2, D).
+
+    Why: a STEP head's cost grows with the square of its tokens, so pooling 2 x 2 makes it
+    ~16x cheaper per frame.  A head with ``token_pool > 1`` is a cheaper *model*, not the same
+    logits: its accuracy cost is measured, not assumed (docs/RESULTS.md).
+    """
+    if k == 1:
+        return patches
+    *lead, n, d = patches.shape
+    g = math.isqrt(n)
+    if g * g != n or g % k:
+        raise ValueError(f"token_pool {k} needs a square patch grid with a side divisible by {k}, got {n} tokens")
+    x = patches.reshape(*lead, g // k, k, g // k, k, d).mean(dim=(-4, -2))
+    return x.reshape(*lead, (g // k) ** 2, d)
 
 
 def sinusoidal_table(positions: int, dim: int) -> torch.Tensor:
@@ -103,11 +122,22 @@ class StepHead(nn.Module):
         tokens: TokenSet = "patch",
         block: BlockType = "attention",
         mlp_ratio: float = 4.0,
+        token_pool: int = 1,
     ) -> None:
         super().__init__()
         self.frames, self.pe, self.pe_scope, self.pe_position = frames, pe, pe_scope, pe_position
         self.tokens, self.block = tokens, block
-        per_frame = {"patch": num_tokens, "cls": 1, "both": num_tokens + 1}[tokens]
+        if not isinstance(token_pool, int) or token_pool < 1:
+            raise ValueError(f"token_pool must be a positive integer, got {token_pool!r}")
+        if token_pool > 1:
+            if tokens != "patch":
+                raise ValueError(f"token_pool {token_pool} pools the patch grid: it needs tokens='patch', got {tokens!r}")
+            g = math.isqrt(num_tokens)
+            if g * g != num_tokens or g % token_pool:
+                raise ValueError(f"token_pool {token_pool} must divide the side of the square patch grid "
+                                 f"({num_tokens} tokens)")
+        self.token_pool = token_pool
+        per_frame = {"patch": num_tokens // token_pool**2, "cls": 1, "both": num_tokens + 1}[tokens]
         pe_shape = (frames, 1, dim) if pe_scope == "frame" else (frames, per_frame, dim)
         if pe in ("learnable", "hybrid"):
             self.temporal_pe = nn.Parameter(torch.zeros(pe_shape))
@@ -157,7 +187,7 @@ class StepHead(nn.Module):
         self, window: torch.Tensor, attention: Callable[[torch.Tensor], torch.Tensor] | None = None
     ) -> torch.Tensor:
         """The mean-pooled attention output p (B, D) that the classifier reads."""
-        x = select_tokens(window, self.tokens)
+        x = pool_patch_grid(select_tokens(window, self.tokens), self.token_pool)
         b, t, m, d = x.shape
         if t != self.frames:
             raise ValueError(f"head expects {self.frames} frames, window has {t}")
@@ -309,6 +339,7 @@ __all__ = [
     "create_head",
     "default_num_heads",
     "head_options",
+    "pool_patch_grid",
     "select_tokens",
     "sinusoidal_table",
 ]

@@ -149,6 +149,7 @@ class EngineStats:
     frames_sampled: int = 0
     backbone_passes: int = 0
     predictions: int = 0
+    deferred: int = 0  # due predictions postponed by the caller (``process(predict=False)``)
     resets: Counter = field(default_factory=Counter)
 
 
@@ -157,8 +158,10 @@ class StreamingEngine:
 
     ``stride``: predict every ``stride``-th sampled frame once the window holds ``min_frames``
     frames (default ``T``: only complete windows; fewer pads the front with the oldest frame
-    and marks the prediction incomplete).  ``max_gap_s``: a larger jump between sampled frames
-    resets the window.
+    and marks the prediction incomplete).  A caller that is falling behind may postpone a due
+    prediction (``process(..., predict=False)``): the frame still enters the window and the
+    next sampled frame predicts.  ``max_gap_s``: a larger jump between sampled frames resets
+    the window.
     """
 
     def __init__(
@@ -188,14 +191,14 @@ class StreamingEngine:
         self._image_size: tuple[int, int] | None = None
         self._last_stamp: float | None = None  # previous sampled frame
         self._since_offer = 0  # camera frames offered (sampling phase)
-        self._sampled_since_full = 0
+        self._since_prediction = self.stride - 1  # the first complete window predicts
 
     def reset(self, reason: str | None = None) -> None:
         if reason:
             self.stats.resets[reason] += 1
         self.window.reset()
         self.runner.reset()
-        self._sampled_since_full = 0
+        self._since_prediction = self.stride - 1
 
     def _check_continuity(self, frame: np.ndarray, stamp: float) -> None:
         size = (int(frame.shape[0]), int(frame.shape[1]))
@@ -226,8 +229,13 @@ class StreamingEngine:
         self._since_offer += 1
         return sampled
 
-    def process(self, frame: np.ndarray, stamp: float) -> Prediction | None:
-        """One sampled frame: continuity check, one backbone pass, heads when due."""
+    def process(self, frame: np.ndarray, stamp: float, predict: bool = True) -> Prediction | None:
+        """One sampled frame: continuity check, one backbone pass, heads when due.
+
+        ``predict=False`` postpones a due prediction to the next sampled frame (counted in
+        ``stats.deferred``): how a live node behind its input keeps every sampled frame in the
+        window, at the cost of fewer predictions rather than of gaps in the window.
+        """
         start = time.perf_counter()
         self._check_continuity(frame, stamp)
         tokens = self.encode(frame)
@@ -237,9 +245,13 @@ class StreamingEngine:
         self.runner.add_frame(frame_id, tokens)
         if self.window.size < self.min_frames:
             return None
-        self._sampled_since_full += 1
-        if (self._sampled_since_full - 1) % self.stride:
+        self._since_prediction += 1
+        if self._since_prediction < self.stride:
             return None
+        if not predict:
+            self.stats.deferred += 1
+            return None
+        self._since_prediction = 0
         return self._predict(start)
 
     def _predict(self, start: float) -> Prediction:

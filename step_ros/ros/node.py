@@ -12,11 +12,18 @@ here). One node, one job:
 Threading and drop policy. The subscription callback does only cheap work: it validates the
 header fields (encoding, size, step, data length: no pixel access), asks the engine whether the
 frame is a sampled one (``offer()``: every k-th valid frame) and puts sampled messages into a
-keep-newest single slot. An older message still waiting there is replaced and counted as
-``dropped_busy``. A dedicated inference thread takes the slot, converts the image to RGB,
-runs ``engine.process`` (continuity checks and window resets, one backbone pass, the heads),
-smooths, and publishes. Inference never blocks the callback; when inference is slower than
-the sampled input the node always works on the newest frame instead of building up a queue.
+short queue (``max_backlog`` frames). When it is full the oldest waiting message is dropped and
+counted as ``dropped_busy``. The inference loop (on the main thread, which loaded the model;
+the executor spins in a helper thread, see :meth:`HumanActionNode.run_inference`) takes
+messages in order, converts the image to RGB, runs ``engine.process`` (continuity checks and
+window resets, one backbone pass, the heads), smooths, and publishes. Inference never blocks the callback and the backlog can
+never grow beyond ``max_backlog``.
+
+Load shedding, in order. Every sampled frame costs a backbone pass and the per-frame head
+work (it must, to be in the window); a prediction costs extra. So when another sampled frame is
+already waiting, a due prediction is postponed to the next frame (at most ``max_deferrals``
+times in a row; counted as ``predictions deferred``): the node publishes a little less often
+before it drops any frame. Frames are dropped only when even that cannot keep up.
 
 A bad message is counted by reason, logged once per reason (then at most every 10 s with a
 count) and dropped; the node never dies on one. SIGINT and SIGTERM stop the node cleanly
@@ -93,29 +100,36 @@ def _fmt(x: float, digits: int = 1) -> str:
     return "nan" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
-class LatestSlot:
-    """Keep-newest single slot between the callback (producer) and the inference thread."""
+class FrameQueue:
+    """Bounded FIFO between the callback (producer) and the inference thread: drop-oldest when
+    full, so the backlog (and the latency it adds) never exceeds ``maxlen`` frames."""
 
-    def __init__(self) -> None:
+    def __init__(self, maxlen: int) -> None:
         self._cond = threading.Condition()
-        self._item: Any = None
+        self._items: deque = deque()
+        self.maxlen = max(1, maxlen)
         self._closed = False
 
     def put(self, item: Any) -> bool:
-        """Store ``item``; True if it replaced one that was never taken (a dropped frame)."""
+        """Append ``item``; True if the oldest waiting item was dropped to make room."""
         with self._cond:
-            replaced = self._item is not None
-            self._item = item
+            dropped = len(self._items) >= self.maxlen
+            if dropped:
+                self._items.popleft()
+            self._items.append(item)
             self._cond.notify()
-            return replaced
+            return dropped
 
     def take(self, timeout: float) -> Any:
-        """The newest item (and empty the slot), or None after ``timeout`` / when closed."""
+        """The oldest item, or None after ``timeout`` / when closed."""
         with self._cond:
-            if self._item is None and not self._closed:
+            if not self._items and not self._closed:
                 self._cond.wait(timeout)
-            item, self._item = self._item, None
-            return item
+            return self._items.popleft() if self._items else None
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
 
     def close(self) -> None:
         with self._cond:
@@ -166,6 +180,11 @@ _PARAMETERS: list[tuple[str, Any, str, dict[str, Any]]] = [
     ("frame_interval", 0, "sample every k-th valid camera frame into the window; 0 = the manifest's "
                           "frame_interval", {"integer_range": (0, 1000)}),
     ("prediction_stride", 1, "predict (and publish) every n-th sampled frame", {"integer_range": (1, 1000)}),
+    ("max_backlog", 2, "sampled frames that may wait for the inference thread; when full the oldest is dropped "
+                       "(counted as dropped_busy)", {"integer_range": (1, 100)}),
+    ("max_deferrals", 1, "when another sampled frame is already waiting, postpone a due prediction to the next "
+                         "sampled frame, at most this many times in a row (publish a little less often rather than "
+                         "drop frames from the window); 0 = never", {"integer_range": (0, 1000)}),
     ("confidence_threshold", 0.5, "TaskPrediction.confident = smoothed confidence >= this; below it label is '' "
                                   "and class_index NO_CLASS", {"float_range": (0.0, 1.0)}),
     ("smoothing_alpha", 0.5, "EMA weight of the newest prediction's probabilities (1 = no smoothing)",
@@ -202,9 +221,10 @@ class HumanActionNode(Node):
         self.p = self._declare_parameters()
         self._lock = threading.Lock()  # counters shared by the callback, worker and timer
         self._stop = threading.Event()
-        self._slot = LatestSlot()
-        self._worker: threading.Thread | None = None
-        self._worker_error: str | None = None
+        self._queue = FrameQueue(self.p["max_backlog"])
+        self._deferred_in_row = 0  # inference thread only
+        self._worker_error: str | None = None  # why run_inference() ended early, if it did
+        self._inference_done = threading.Event()
 
         # cumulative counters (under _lock)
         self.received = 0
@@ -214,7 +234,7 @@ class HumanActionNode(Node):
         self.processed = 0
         self.published = 0
         self.processing_errors = 0
-        self._engine_snapshot: dict[str, Any] = {"backbone_passes": 0, "resets": {}}
+        self._engine_snapshot: dict[str, Any] = {"backbone_passes": 0, "resets": {}, "deferred": 0}
         # per diagnostics period (under _lock)
         self._latency_ms: list[float] = []
         self._compute_ms: list[float] = []
@@ -239,8 +259,6 @@ class HumanActionNode(Node):
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.diag_timer = self.create_timer(self.p["diagnostics_period_s"], self._publish_diagnostics)
 
-        self._worker = threading.Thread(target=self._work, name="step_ros_inference", daemon=True)
-        self._worker.start()
         if self.p["input"] == "compressed":
             self.input_topic = "image/compressed"
             self.sub = self.create_subscription(CompressedImage, self.input_topic, self._on_compressed, in_qos)
@@ -375,10 +393,10 @@ class HumanActionNode(Node):
     def _offer(self, msg: Any) -> None:
         if not self.engine.offer():
             return
-        replaced = self._slot.put(msg)
+        dropped = self._queue.put(msg)
         with self._lock:
             self.sampled += 1
-            if replaced:
+            if dropped:
                 self.dropped_busy += 1
 
     def _bad_input(self, reason: str, text: str, msg: Any, count: bool = True) -> None:
@@ -404,10 +422,17 @@ class HumanActionNode(Node):
 
     # ------------------------------------------------------------------ inference thread
 
-    def _work(self) -> None:
+    def run_inference(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        """The inference loop, on the calling thread, until :meth:`stop` or ``should_stop()``.
+
+        Call it from the thread that built the node (``main`` does: the executor spins in a
+        helper thread instead). Why: PyTorch's OpenMP workers belong to the first thread that
+        ran parallel work -- the one that loaded the model; another thread gets a second worker
+        team competing for the same cores, and ran the backbone and heads ~2.5x slower here.
+        """
         try:
-            while not self._stop.is_set():
-                msg = self._slot.take(timeout=0.25)
+            while not self._stop.is_set() and not should_stop():
+                msg = self._queue.take(timeout=0.25)
                 if msg is None:
                     continue
                 try:
@@ -420,7 +445,9 @@ class HumanActionNode(Node):
                     self._bad_input("processing_error", f"{type(exc).__name__}: {exc}", msg, count=False)
         except BaseException as exc:  # noqa: BLE001 - reported as ERROR in /diagnostics
             self._worker_error = f"{type(exc).__name__}: {exc}"
-            self.get_logger().error(f"inference thread stopped: {self._worker_error}")
+            self.get_logger().error(f"inference loop stopped: {self._worker_error}")
+        finally:
+            self._inference_done.set()
 
     def _handle(self, msg: Any) -> None:
         started = time.perf_counter()
@@ -430,10 +457,17 @@ class HumanActionNode(Node):
         self._remember_stamp(t, stamp)
         engine = self.engine
         resets_before = sum(engine.stats.resets.values())
-        prediction = engine.process(frame, t)
+        behind = len(self._queue) > 0 and self._deferred_in_row < self.p["max_deferrals"]
+        deferred_before = engine.stats.deferred
+        prediction = engine.process(frame, t, predict=not behind)
+        if engine.stats.deferred != deferred_before:
+            self._deferred_in_row += 1
+        elif prediction is not None:
+            self._deferred_in_row = 0
         if sum(engine.stats.resets.values()) != resets_before:
             self.smoother.reset()
-        snapshot = {"backbone_passes": engine.stats.backbone_passes, "resets": dict(engine.stats.resets)}
+        snapshot = {"backbone_passes": engine.stats.backbone_passes, "resets": dict(engine.stats.resets),
+                    "deferred": engine.stats.deferred}
         if prediction is None:
             with self._lock:
                 self.processed += 1
@@ -524,8 +558,8 @@ class HumanActionNode(Node):
 
         level, message = DiagnosticStatus.OK, "running"
         problems = []
-        if self._worker_error or (self._worker is not None and not self._worker.is_alive() and not self._stop.is_set()):
-            level, message = DiagnosticStatus.ERROR, f"inference thread stopped: {self._worker_error}"
+        if self._worker_error or (self._inference_done.is_set() and not self._stop.is_set()):
+            level, message = DiagnosticStatus.ERROR, f"inference loop stopped: {self._worker_error}"
         elif delta["errors"] and not delta["published"]:
             level, message = DiagnosticStatus.ERROR, f"inference failing: {delta['errors']} errors, nothing published"
         else:
@@ -558,6 +592,8 @@ class HumanActionNode(Node):
             ("frames sampled", str(sampled)),
             ("frames processed", str(counts["processed"])),
             ("dropped_busy", str(counts["dropped_busy"])),
+            ("predictions deferred", str(snapshot["deferred"])),
+            ("backlog", str(len(self._queue))),
             ("invalid", str(invalid_total)),
             *[(f"invalid/{reason}", str(n)) for reason, n in sorted(invalid.items())],
             ("processing errors", str(counts["errors"])),
@@ -583,12 +619,10 @@ class HumanActionNode(Node):
 
     # ------------------------------------------------------------------ shutdown
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the inference thread (waits for the frame in progress, at most ``timeout`` s)."""
+    def stop(self) -> None:
+        """Ask the inference loop to end (after the frame in progress)."""
         self._stop.set()
-        self._slot.close()
-        if self._worker is not None and self._worker.is_alive() and self._worker is not threading.current_thread():
-            self._worker.join(timeout)
+        self._queue.close()
 
     def destroy_node(self) -> None:
         self.stop()
@@ -617,7 +651,8 @@ def main(args: list[str] | None = None) -> int:
     """``ros2 run step_ros step_ros_node`` / ``scripts/step_ros_node``; returns the exit code.
 
     SIGINT and SIGTERM: while starting, abandon the start; while running, leave the spin loop.
-    Either way the inference thread is stopped, the node destroyed, rclpy shut down, exit code 0.
+    Either way the inference loop is stopped, the node destroyed, rclpy shut down, exit code 0
+    (1 if the model failed to load or the inference loop died).
     """
     from rclpy.signals import SignalHandlerOptions
 
@@ -637,9 +672,24 @@ def main(args: list[str] | None = None) -> int:
         node = HumanActionNode()
         executor = rclpy.executors.SingleThreadedExecutor()
         executor.add_node(node)
-        state["raise"] = False  # from here on a signal only ends the loop below
-        while not state["stop"] and rclpy.ok():
-            executor.spin_once(timeout_sec=0.1)
+        state["raise"] = False  # from here on a signal only ends the loops below
+
+        def spin() -> None:  # callbacks only validate and enqueue: cheap, off the inference thread
+            try:
+                while not state["stop"] and rclpy.ok():
+                    executor.spin_once(timeout_sec=0.1)
+            except Exception as exc:  # noqa: BLE001 - e.g. the context shut down under us
+                node.get_logger().error(f"executor stopped: {type(exc).__name__}: {exc}")
+            finally:
+                state["stop"] = True
+
+        spinner = threading.Thread(target=spin, name="step_ros_executor", daemon=True)
+        spinner.start()
+        node.run_inference(should_stop=lambda: state["stop"])  # the thread that loaded the model
+        state["stop"] = True
+        spinner.join(5.0)
+        if node._worker_error:
+            code = 1
         node.get_logger().info("shutting down")
     except _ShutdownRequested:
         pass

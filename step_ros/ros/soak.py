@@ -298,6 +298,8 @@ def _report(actions, diags, rss, sent_stamps, frames, fps, interval, duration, m
         "node_frames_received": num("frames received"),
         "frames_lost_in_transport": frames - num("frames received"),
         "dropped_busy": num("dropped_busy"),
+        "predictions_deferred": num("predictions deferred"),
+        "backlog_max": max((float(v.get("backlog", "nan")) for _, v, _, _ in diags), default=math.nan),
         "invalid": num("invalid"),
         "window_resets": num("window resets"),
         "sequence_gaps": seq_gaps,
@@ -323,6 +325,8 @@ def _print(r: dict, print_table) -> None:
         ["RSS slope after 10 % (MiB per 1000 frames)", f"{rs['slope_per_1000_frames']:+.2f}"],
         ["dropped_busy / lost in transport / sequence gaps",
          f"{r['dropped_busy']:.0f} / {r['frames_lost_in_transport']:.0f} / {r['sequence_gaps']}"],
+        ["predictions deferred (node behind) / max backlog seen", f"{r['predictions_deferred']:.0f} / "
+                                                                  f"{r['backlog_max']:.0f}"],
         ["inference rate (Hz, median; expected)", f"{r['inference_hz_median']:.2f} ({r['expected_inference_hz']:.2f})"],
         ["published rate (Hz, median / overall)", f"{r['published_hz_median']:.2f} / {r['published_hz_overall']:.2f}"],
         ["node compute median (ms, convert + backbone + heads)", f"{r['node_compute_ms_median']:.1f}"],

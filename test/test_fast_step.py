@@ -150,7 +150,7 @@ def test_pool_patch_grid_averages_neighbourhoods():
         pool_patch_grid(torch.zeros(1, 12, 1), 2)
 
 
-def test_chunked_block_creation_is_identical():
+def test_tiled_block_creation_is_identical():
     heads = make_heads(qk_scale=2.0)
     frames = torch.randn(2 * T, 1 + N_TOK, D)
     a, b = FastStepRunner(heads, tile=16), FastStepRunner(heads, tile=3)

@@ -138,11 +138,13 @@ def run_bench(args: argparse.Namespace) -> dict:
             def clip_sdpa():
                 return model(backbone.encode(window_frames)[None])
 
-            clip_row = _row(f"clip recompute: {t} backbone passes + 3 naive heads", _times(clip_naive, args.clip_repeat, 0),
-                            None, peak, None, backbone_passes_per_prediction=t)
+            clip_row = _row(f"clip recompute: {t} backbone passes + 3 naive heads",
+                            _times(clip_naive, args.clip_repeat, 0), None, peak, None,
+                            backbone_passes_per_prediction=t)
             rows.append(clip_row)
-            rows.append(_row(f"clip recompute: {t} backbone passes + 3 SDPA heads", _times(clip_sdpa, args.clip_repeat, 0),
-                             None, peak, clip_row, backbone_passes_per_prediction=t))
+            rows.append(_row(f"clip recompute: {t} backbone passes + 3 SDPA heads",
+                             _times(clip_sdpa, args.clip_repeat, 0), None, peak, clip_row,
+                             backbone_passes_per_prediction=t))
 
             def streaming_rows(num_heads: int, runner_name: str, token_pool: int = 1) -> dict:
                 sub_manifest = copy.copy(manifest)

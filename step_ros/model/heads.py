@@ -131,7 +131,8 @@ class StepHead(nn.Module):
             raise ValueError(f"token_pool must be a positive integer, got {token_pool!r}")
         if token_pool > 1:
             if tokens != "patch":
-                raise ValueError(f"token_pool {token_pool} pools the patch grid: it needs tokens='patch', got {tokens!r}")
+                raise ValueError(f"token_pool {token_pool} pools the patch grid: it needs tokens='patch', "
+                                 f"got {tokens!r}")
             g = math.isqrt(num_tokens)
             if g * g != num_tokens or g % token_pool:
                 raise ValueError(f"token_pool {token_pool} must divide the side of the square patch grid "

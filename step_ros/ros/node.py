@@ -16,8 +16,8 @@ short queue (``max_backlog`` frames). When it is full the oldest waiting message
 counted as ``dropped_busy``. The inference loop (on the main thread, which loaded the model;
 the executor spins in a helper thread, see :meth:`HumanActionNode.run_inference`) takes
 messages in order, converts the image to RGB, runs ``engine.process`` (continuity checks and
-window resets, one backbone pass, the heads), smooths, and publishes. Inference never blocks the callback and the backlog can
-never grow beyond ``max_backlog``.
+window resets, one backbone pass, the heads), smooths, and publishes. Inference never blocks
+the callback and the backlog can never grow beyond ``max_backlog``.
 
 Load shedding, in order. Every sampled frame costs a backbone pass and the per-frame head
 work (it must, to be in the window); a prediction costs extra. So when another sampled frame is
@@ -223,7 +223,7 @@ class HumanActionNode(Node):
         self._stop = threading.Event()
         self._queue = FrameQueue(self.p["max_backlog"])
         self._deferred_in_row = 0  # inference thread only
-        self._worker_error: str | None = None  # why run_inference() ended early, if it did
+        self._inference_error: str | None = None  # why run_inference() ended early, if it did
         self._inference_done = threading.Event()
 
         # cumulative counters (under _lock)
@@ -444,8 +444,8 @@ class HumanActionNode(Node):
                         self.processing_errors += 1
                     self._bad_input("processing_error", f"{type(exc).__name__}: {exc}", msg, count=False)
         except BaseException as exc:  # noqa: BLE001 - reported as ERROR in /diagnostics
-            self._worker_error = f"{type(exc).__name__}: {exc}"
-            self.get_logger().error(f"inference loop stopped: {self._worker_error}")
+            self._inference_error = f"{type(exc).__name__}: {exc}"
+            self.get_logger().error(f"inference loop stopped: {self._inference_error}")
         finally:
             self._inference_done.set()
 
@@ -558,8 +558,8 @@ class HumanActionNode(Node):
 
         level, message = DiagnosticStatus.OK, "running"
         problems = []
-        if self._worker_error or (self._inference_done.is_set() and not self._stop.is_set()):
-            level, message = DiagnosticStatus.ERROR, f"inference loop stopped: {self._worker_error}"
+        if self._inference_error or (self._inference_done.is_set() and not self._stop.is_set()):
+            level, message = DiagnosticStatus.ERROR, f"inference loop stopped: {self._inference_error}"
         elif delta["errors"] and not delta["published"]:
             level, message = DiagnosticStatus.ERROR, f"inference failing: {delta['errors']} errors, nothing published"
         else:
@@ -688,7 +688,7 @@ def main(args: list[str] | None = None) -> int:
         node.run_inference(should_stop=lambda: state["stop"])  # the thread that loaded the model
         state["stop"] = True
         spinner.join(5.0)
-        if node._worker_error:
+        if node._inference_error:
             code = 1
         node.get_logger().info("shutting down")
     except _ShutdownRequested:

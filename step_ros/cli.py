@@ -104,6 +104,8 @@ def _lazy(module: str, func: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.synthetic import DEFAULT_VIDEOS_PER_CLASS
+
     parser = argparse.ArgumentParser(
         prog="step-ros", description="step_ros: order-aware human action perception (STEP heads on frozen DINOv2)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -136,9 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("synth", cmd_synth, "generate the synthetic nearly-symmetric benchmark (videos + annotations.csv)")
     p.add_argument("--out", type=Path, default=Path("data/synthetic"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train", type=int, default=96, help="training videos per class")
-    p.add_argument("--val", type=int, default=4)
-    p.add_argument("--test", type=int, default=8, help="known-context test videos per class")
+    p.add_argument("--train", type=int, default=DEFAULT_VIDEOS_PER_CLASS["train"], help="training videos per class")
+    p.add_argument("--val", type=int, default=DEFAULT_VIDEOS_PER_CLASS["val"])
+    p.add_argument("--test", type=int, default=DEFAULT_VIDEOS_PER_CLASS["test"],
+                   help="known-context test videos per class")
     p.add_argument("--unknown", type=int, default=8, help="unknown-context test videos per class")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--num-frames", type=int, default=40)

@@ -224,3 +224,14 @@ def test_bench_command_small_configuration(tmp_path, capsys):
     assert any("token_pool 2 (approximate)" in n for n in names)  # 4 x 4 grid: pools to 2 x 2
     assert (tmp_path / "bench_latency.png").stat().st_size > 0
     assert "step-ros bench" in capsys.readouterr().out
+
+
+def test_gemm_peak_is_the_best_library_and_int8_is_separate():
+    """Fractions of peak are taken against the fastest fp32 GEMM measured (PyTorch or ONNX
+    Runtime) so that no row can exceed 100 % because one library is slow on this CPU."""
+    from step_ros.deploy.peak import describe_peaks, measure_gemm_peaks
+
+    peaks = measure_gemm_peaks(size=128, repeats=2)
+    assert peaks["torch"] > 0 and peaks["onnxruntime"] > 0 and peaks["int8"] > 0
+    assert peaks["fp32"] == max(peaks["torch"], peaks["onnxruntime"])
+    assert "best of torch" in describe_peaks(peaks)

@@ -1,7 +1,8 @@
 """``step-ros bench``: the speed claims, measured side by side in one run on the same frames.
 
-Rows (each with its baseline, the ratio to it, and the fraction of the machine's fp32 matmul
-peak measured in the same run):
+Rows (each with its baseline, the ratio to it, and the fraction of the machine's GEMM peak
+measured in the same run: fp32 rows against the best fp32 GEMM of PyTorch and ONNX Runtime,
+the int8 row against the int8 GEMM; :mod:`step_ros.deploy.peak` says why):
 
 1. backbone: PyTorch vs ONNX Runtime (and int8), ms per frame, preprocessing included;
 2. one prediction, streaming (one new frame's backbone pass + three exact fast STEP heads) vs
@@ -41,14 +42,14 @@ def backbone_flops(arch, image_size: int) -> float:
     return 2.0 * (arch.num_layers * per_layer + n * 3 * arch.patch_size**2 * d)
 
 
-def bench_manifest(arch: str, image_size: int, frames: int, interval: int, num_heads: int, root: Path,
+def bench_manifest(arch: str, image_size: int, frames: int, interval: int, step_heads: int, root: Path,
                    token_pool: int = 1):
-    """A manifest with ``num_heads`` STEP heads on a random-weight backbone (for timing only)."""
+    """A manifest with ``step_heads`` STEP heads on a random-weight backbone (for timing only)."""
     from ..data.synthetic import ATOMIC_ACTIONS, FINE_ACTIONS, OBJECTS, SYMMETRIC_PAIRS
     from ..model.manifest import parse_manifest
 
     tasks = [("fine_action", FINE_ACTIONS), ("atomic_action", ATOMIC_ACTIONS), ("object_in_use", OBJECTS)]
-    heads = [{"task": t, "kind": "step", "labels": labels} for t, labels in tasks[:num_heads]]
+    heads = [{"task": t, "kind": "step", "labels": labels} for t, labels in tasks[:step_heads]]
     if token_pool > 1:
         for h in heads:
             h["options"] = {"token_pool": token_pool}
@@ -91,12 +92,14 @@ def run_bench(args: argparse.Namespace) -> dict:
     from ..model.streaming import ReferenceRunner, StreamingEngine
     from ..model.heads import create_head
     from .backends import create_encoder
-    from .bench_heads import bench_heads, measure_peak_gflops
+    from .bench_heads import bench_heads
+    from .peak import measure_gemm_peaks
 
     if args.node_token_pool != 1 and not args.node_only:
         raise ValueError("--node-token-pool needs --node-only (the other rows time the exact heads)")
     torch.set_num_threads(args.threads)
-    peak = measure_peak_gflops()
+    peaks = measure_gemm_peaks(int8=args.int8)
+    peak = peaks["fp32"]
     tmp = Path(tempfile.mkdtemp(prefix="step_ros_bench_"))
     manifest = bench_manifest(args.arch, args.image_size, args.frames, args.interval, 3, tmp,
                               token_pool=args.node_token_pool if args.node_only else 1)
@@ -104,7 +107,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     backbone = model.backbone
     t, k = manifest.frames, manifest.frame_interval
     video = render_clip("pick_up", seed=0, size=args.frame_size, num_frames=(t - 1) * k + 1 + args.repeat * k + 8)
-    rows: list[dict] = [{"name": "fp32 matmul peak (2048^3)", "gflop_s": peak, "threads": args.threads}]
+    rows: list[dict] = [{"name": "GEMM peak (2048^3)", "gflop_s": peak, "peaks": peaks, "threads": args.threads}]
     bb_flops = backbone_flops(backbone.arch, backbone.image_size)
     n = backbone.num_patches
 
@@ -123,7 +126,8 @@ def run_bench(args: argparse.Namespace) -> dict:
             it = iter(range(10**9))
             times = _times(lambda: enc(frames[next(it) % len(frames)]), args.repeat)
             err = max(float((enc(f) - r).abs().max()) for f, r in zip(frames, reference_tokens))
-            row = _row(f"backbone {name} (1 frame)", times, bb_flops, peak, base, max_abs_err_vs_torch=err)
+            row = _row(f"backbone {name} (1 frame)", times, bb_flops, peaks["int8" if "int8" in name else "fp32"],
+                       base, max_abs_err_vs_torch=err)
             base = base or row
             rows.append(row)
 
@@ -146,9 +150,9 @@ def run_bench(args: argparse.Namespace) -> dict:
                              _times(clip_sdpa, args.clip_repeat, 0), None, peak, clip_row,
                              backbone_passes_per_prediction=t))
 
-            def streaming_rows(num_heads: int, runner_name: str, token_pool: int = 1) -> dict:
+            def streaming_rows(step_heads: int, runner_name: str, token_pool: int = 1) -> dict:
                 sub_manifest = copy.copy(manifest)
-                sub_manifest.heads = manifest.heads[:num_heads]
+                sub_manifest.heads = manifest.heads[:step_heads]
                 heads = {s.task: model.heads[s.task] for s in sub_manifest.heads}
                 if token_pool > 1:  # same heads' shapes, pooled tokens: the approximate mode
                     heads = {s.task: create_head("step", backbone.dim, len(s.labels), t, n,
@@ -163,7 +167,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                 times = _times(lambda: engine.push(next(sampled), next(stamps)), args.repeat, warmup=1)
                 passes = engine.stats.backbone_passes / max(1, engine.stats.predictions + t - 1)
                 mode = f", token_pool {token_pool} (approximate)" if token_pool > 1 else ""
-                return _row(f"streaming: 1 backbone pass + {num_heads} {runner_name} head(s){mode}", times, None, peak,
+                return _row(f"streaming: 1 backbone pass + {step_heads} {runner_name} head(s){mode}", times, None, peak,
                             clip_row,
                             backbone_passes_per_new_frame=round(passes, 3),
                             ratio_to_backbone=statistics.median(times) / base["ms_median"])
@@ -204,17 +208,18 @@ def run_bench(args: argparse.Namespace) -> dict:
                         node_params=[f"num_threads:={args.threads}", *args.node_param])
         rows.append({"name": f"node over DDS @ {args.node_fps:g} fps, interval {k}", "node": node})
     config = {k: v for k, v in vars(args).items() if k != "func"}
-    return {"config": config, "machine_peak_gflop_s": peak,
+    return {"config": config, "machine_peak_gflop_s": peak, "machine_peaks": peaks,
             "rows": rows}
 
 
 def print_bench(result: dict) -> None:
     from ..training.report import print_table
+    from .peak import describe_peaks
 
     table = []
     for r in result["rows"]:
         if "gflop_s" in r and "ms_median" not in r:
-            table.append([r["name"], f"{r['gflop_s']:.0f} GFLOP/s", "", "", "", ""])
+            table.append([r["name"], f"{r['gflop_s']:.0f} GFLOP/s", "", "", "", describe_peaks(r["peaks"])])
             continue
         if "skipped" in r or "node" in r:
             table.append([r["name"], r.get("skipped", "see node table"), "", "", "", ""])

@@ -12,7 +12,8 @@ step by step (so that a busy machine slows every method alike):
 
 Each for 1 head and for ``num_step_heads`` heads.  A row: name, heads, ms median / p95 per new
 frame, ratio to the naive baseline, GFLOP per new frame, achieved GFLOP/s and its fraction of
-the fp32 matmul peak measured in the same run (a large square matmul; its own row).
+the fp32 GEMM peak measured in the same run (best of PyTorch and ONNX Runtime, see
+:mod:`step_ros.deploy.peak`; its own row).
 
 ``python -m step_ros.deploy.bench_heads`` prints the table (ViT-S/14 at 224 by default).
 """
@@ -26,21 +27,9 @@ import time
 import numpy as np
 import torch
 
+from step_ros.deploy.peak import describe_peaks, measure_gemm_peaks
 from step_ros.model.fast_step import FastStepRunner, reference_step_logits
 from step_ros.model.heads import StepHead
-
-
-def measure_peak_gflops(size: int = 2048, repeats: int = 7) -> float:
-    """fp32 matmul throughput of this machine at the current thread count (best of ``repeats``)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
-    torch.mm(a, b, out=out)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best / 1e9
 
 
 def full_head_flops(dim: int, n: int, frames: int) -> float:
@@ -67,7 +56,7 @@ def bench_heads(
     filled with ``frames`` frames first, untimed).  ``threads``: torch thread count (default:
     leave as is).  Rows: ``name, method, heads, ms_median, ms_p95, ratio_to_naive, gflop,
     gflop_s, frac_peak, threads`` (+ ``memory_mb``, ``block_pass_gb``, ``max_abs_diff_vs_sdpa``,
-    ``fallbacks`` for the fast runner); the first row is the measured fp32 matmul peak (with the
+    ``fallbacks`` for the fast runner); the first row is the measured fp32 GEMM peak (with the
     thread count, CPU count and 1-minute load average: timings on a busy machine are not
     comparable with a quiet one's).
     """
@@ -80,7 +69,8 @@ def bench_heads(
     runners = {c: FastStepRunner(subsets[c]) for c in counts}
     steps = warmup + repeats
     tokens = torch.randn(frames + steps, 1 + n, dim)
-    peak = measure_peak_gflops()
+    peaks = measure_gemm_peaks(int8=False)
+    peak = peaks["fp32"]
 
     times: dict[tuple[str, int], list[float]] = {}
     diffs = {c: 0.0 for c in counts}
@@ -113,7 +103,7 @@ def bench_heads(
                 diffs[c] = max(diffs[c], max(float((out[t] - ref[t]).abs().max()) for t in hs))
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    rows = [{"name": "fp32 matmul peak (2048^3)", "method": "peak", "heads": 0, "gflop_s": peak,
+    rows = [{"name": "fp32 GEMM peak (2048^3)", "method": "peak", "heads": 0, "gflop_s": peak, "peaks": peaks,
              "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "loadavg_1m": load}]
     labels = {"naive": "naive head (explicit softmax)", "sdpa": "StepHead forward (fused SDPA)",
               "fast": "FastStepRunner (per new frame)"}
@@ -153,8 +143,8 @@ def format_rows(rows: list[dict]) -> str:
     out = []
     for r in rows:
         if r["method"] == "peak":
-            out.append(f"{r['name']}: {r['gflop_s']:.0f} GFLOP/s, {r['threads']} threads, "
-                       f"{r['cpus']} CPUs, load average {r['loadavg_1m']:.1f}")
+            out.append(f"{r['name']}: {r['gflop_s']:.0f} GFLOP/s ({describe_peaks(r['peaks'])}), "
+                       f"{r['threads']} threads, {r['cpus']} CPUs, load average {r['loadavg_1m']:.1f}")
             continue
         line = (f"{r['name']:<40} {r['ms_median']:9.1f} ms (p95 {r['ms_p95']:8.1f})"
                 f"  x{r['ratio_to_naive']:.3f} of naive  {r['gflop']:7.2f} GFLOP  {r['gflop_s']:6.1f} GFLOP/s ({100 * r['frac_peak']:4.1f}% peak)")

@@ -233,7 +233,10 @@ def run_soak(manifest: Path | None, frames: int, fps: float, out: Path, size: in
     report["node_log"] = str(log_path)
     _print(report, print_table)
     write_json(report, out / "soak.json")
-    png = _plot(actions, rss, sent_stamps, out / "soak.png", manifest)
+    title = f"soak: {man.name}, {frames} frames at {fps:g} fps"
+    if node_params:
+        title += f" ({' '.join(node_params)})"
+    png = _plot(actions, rss, sent_stamps, out / "soak.png", title)
     report["figure"] = str(png)
     write_json(report, out / "soak.json")
     console.print(f"wrote {out / 'soak.json'} and {png}")
@@ -335,7 +338,7 @@ def _print(r: dict, print_table) -> None:
     print_table(f"soak: {r['frames_sent']} frames at {r['fps']:g} fps, {r['duration_s']:.0f} s", ["", "value"], rows)
 
 
-def _plot(actions, rss, sent_stamps, path: Path, manifest) -> Path:
+def _plot(actions, rss, sent_stamps, path: Path, title: str) -> Path:
     from step_ros.training.report import plt, save_figure
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
@@ -348,7 +351,7 @@ def _plot(actions, rss, sent_stamps, path: Path, manifest) -> Path:
         smooth = np.convolve(lat, np.ones(w) / w, mode="valid")
         ax1.plot(t[w - 1:], smooth, "-", lw=1.5, label=f"moving mean ({w})")
     ax1.set_ylabel("stamp -> receipt (ms)")
-    ax1.set_title(f"soak: {Path(str(manifest)).parent.name}")
+    ax1.set_title(title, fontsize=10)
     ax1.legend(fontsize=8)
     ax2.plot([s for s, _, _ in rss], [m for _, _, m in rss], "-", color="tab:red")
     ax2.set_ylabel("node RSS (MiB)")

@@ -25,11 +25,12 @@ import argparse
 import copy
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .peak import describe_peaks, measure_gemm_peaks, time_ms
 
 
 def backbone_flops(arch, image_size: int) -> float:
@@ -59,17 +60,6 @@ def bench_manifest(arch: str, image_size: int, frames: int, interval: int, step_
     return parse_manifest(data, root, "bench manifest")
 
 
-def _times(fn, repeat: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1e3)
-    return out
-
-
 def _row(name: str, times_ms: list[float], flops: float | None, peak: float, baseline: dict | None = None,
          **extra) -> dict:
     ms = statistics.median(times_ms)
@@ -93,7 +83,6 @@ def run_bench(args: argparse.Namespace) -> dict:
     from ..model.heads import create_head
     from .backends import create_encoder
     from .bench_heads import bench_heads
-    from .peak import measure_gemm_peaks
 
     if args.node_token_pool != 1 and not args.node_only:
         raise ValueError("--node-token-pool needs --node-only (the other rows time the exact heads)")
@@ -124,7 +113,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         reference_tokens = [backbone.encode(f[None])[0] for f in frames]
         for name, enc in encoders.items():
             it = iter(range(10**9))
-            times = _times(lambda: enc(frames[next(it) % len(frames)]), args.repeat)
+            times = time_ms(lambda: enc(frames[next(it) % len(frames)]), args.repeat)
             err = max(float((enc(f) - r).abs().max()) for f, r in zip(frames, reference_tokens))
             row = _row(f"backbone {name} (1 frame)", times, bb_flops, peaks["int8" if "int8" in name else "fp32"],
                        base, max_abs_err_vs_torch=err)
@@ -143,11 +132,11 @@ def run_bench(args: argparse.Namespace) -> dict:
                 return model(backbone.encode(window_frames)[None])
 
             clip_row = _row(f"clip recompute: {t} backbone passes + 3 naive heads",
-                            _times(clip_naive, args.clip_repeat, 0), None, peak, None,
+                            time_ms(clip_naive, args.clip_repeat, 0), None, peak, None,
                             backbone_passes_per_prediction=t)
             rows.append(clip_row)
             rows.append(_row(f"clip recompute: {t} backbone passes + 3 SDPA heads",
-                             _times(clip_sdpa, args.clip_repeat, 0), None, peak, clip_row,
+                             time_ms(clip_sdpa, args.clip_repeat, 0), None, peak, clip_row,
                              backbone_passes_per_prediction=t))
 
             def streaming_rows(step_heads: int, runner_name: str, token_pool: int = 1) -> dict:
@@ -164,7 +153,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                 sampled = iter(video[::k])
                 for _ in range(t - 1):  # fill the window
                     engine.push(next(sampled), next(stamps))
-                times = _times(lambda: engine.push(next(sampled), next(stamps)), args.repeat, warmup=1)
+                times = time_ms(lambda: engine.push(next(sampled), next(stamps)), args.repeat, warmup=1)
                 passes = engine.stats.backbone_passes / max(1, engine.stats.predictions + t - 1)
                 mode = f", token_pool {token_pool} (approximate)" if token_pool > 1 else ""
                 return _row(f"streaming: 1 backbone pass + {step_heads} {runner_name} head(s){mode}", times, None, peak,
@@ -188,7 +177,7 @@ def run_bench(args: argparse.Namespace) -> dict:
 
         # 4. heads alone ----------------------------------------------------------------------
         for r in bench_heads(backbone.dim, n, t, backbone.arch.num_heads, 3, repeats=args.repeat,
-                             include_naive=True)[1:]:
+                             include_naive=True, peaks=peaks)[1:]:
             rows.append({"name": "heads only: " + r["name"], "ms_median": r["ms_median"], "ms_p95": r["ms_p95"],
                          "baseline": f"naive head x{r['heads']}", "ratio_to_baseline": r["ratio_to_naive"],
                          "gflop": r["gflop"], "frac_peak": r["frac_peak"],
@@ -214,7 +203,6 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 def print_bench(result: dict) -> None:
     from ..training.report import print_table
-    from .peak import describe_peaks
 
     table = []
     for r in result["rows"]:

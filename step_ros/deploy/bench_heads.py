@@ -49,6 +49,7 @@ def bench_heads(
     threads: int | None = None,
     seed: int = 0,
     include_naive: bool = True,
+    peaks: dict[str, float] | None = None,
 ) -> list[dict]:
     """Time the three ways of running STEP heads per new frame; returns one dict per row.
 
@@ -58,7 +59,8 @@ def bench_heads(
     gflop_s, frac_peak, threads`` (+ ``memory_mb``, ``block_pass_gb``, ``max_abs_diff_vs_sdpa``,
     ``fallbacks`` for the fast runner); the first row is the measured fp32 GEMM peak (with the
     thread count, CPU count and 1-minute load average: timings on a busy machine are not
-    comparable with a quiet one's).
+    comparable with a quiet one's).  ``peaks``: a caller's :func:`measure_gemm_peaks` from the
+    same run (measured here when not given).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -69,7 +71,7 @@ def bench_heads(
     runners = {c: FastStepRunner(subsets[c]) for c in counts}
     steps = warmup + repeats
     tokens = torch.randn(frames + steps, 1 + n, dim)
-    peaks = measure_gemm_peaks(int8=False)
+    peaks = peaks or measure_gemm_peaks(int8=False)
     peak = peaks["fp32"]
 
     times: dict[tuple[str, int], list[float]] = {}

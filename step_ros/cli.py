@@ -17,16 +17,19 @@ def _train_config(args: argparse.Namespace):
     from .training.train import TrainConfig
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       weight_decay=args.weight_decay, optimizer=args.optimizer, seed=args.seed)
+                       weight_decay=args.weight_decay, optimizer=args.optimizer, seed=args.seed, hflip=args.hflip)
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_train_args(p: argparse.ArgumentParser, hflip: bool = False) -> None:
     p.add_argument("--epochs", type=int, default=60, help="training epochs (paper: 60)")
     p.add_argument("--batch-size", type=int, default=32, help="clips per batch (paper: 32)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine annealed (paper: 1e-3)")
     p.add_argument("--weight-decay", type=float, default=0.02)
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=hflip,
+                   help="horizontal-flip augmentation (paper recipe) from cached mirrored tokens; only when a mirror "
+                        "image keeps every label (no left/right classes)")
 
 
 def cmd_synth(args):
@@ -59,7 +62,7 @@ def cmd_params(args):
 def cmd_extract(args):
     from .training.jobs import extract_job
 
-    extract_job(args.manifest, args.data, args.cache, split=args.split)
+    extract_job(args.manifest, args.data, args.cache, split=args.split, hflip=args.hflip)
 
 
 def cmd_train(args):
@@ -91,7 +94,7 @@ def cmd_demo(args):
 def cmd_reproduce_demo(args):
     from .demo import reproduce_demo_model
 
-    reproduce_demo_model(args)
+    reproduce_demo_model(args.out, args.work, _train_config(args))
 
 
 def _lazy(module: str, func: str):
@@ -155,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("extract", cmd_extract, "run the frozen backbone once per frame and cache tokens (resumable)")
     common(p)
     p.add_argument("--split", default=None)
+    p.add_argument("--hflip", action="store_true", help="also cache the mirrored frames' tokens (for train --hflip)")
 
     p = add("train", cmd_train, "train the manifest's heads on cached tokens (paper recipe)")
     common(p)
@@ -179,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("reproduce-demo", cmd_reproduce_demo, "regenerate models/demo from scratch (data, cache, training)")
     p.add_argument("--out", type=Path, default=DEMO_MANIFEST.parent)
     p.add_argument("--work", type=Path, default=Path("runs/reproduce-demo"))
-    _add_train_args(p)
+    _add_train_args(p, hflip=True)
 
     # Subcommands whose arguments live beside their implementation (add_arguments/main).
     import importlib

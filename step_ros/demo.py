@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from .model.manifest import load_manifest
@@ -49,18 +48,16 @@ def run_demo(args: argparse.Namespace) -> int:
     return run_live_demo(args)
 
 
-def reproduce_demo_model(args: argparse.Namespace) -> None:
+def reproduce_demo_model(out: Path, work: Path, config: TrainConfig) -> None:
     """Synthetic data (seed 0, default size) -> token cache -> STEP heads -> models/demo."""
     from .data.synthetic import generate
 
-    work: Path = args.work
     csv = generate(work / "data", seed=TRAIN_SEED)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, optimizer=args.optimizer, seed=args.seed)
-    out: Path = args.out
-    if (out / "heads").exists():
-        shutil.rmtree(out / "heads")
     trained = train_job(DEMO_TEMPLATE, csv, out, config, cache_root=work / "cache")
+    keep = {spec.checkpoint.resolve() for spec in trained.heads}
+    for stale in (out / "heads").glob("*.safetensors"):  # heads of tasks no longer in the template
+        if stale.resolve() not in keep:
+            stale.unlink()
     console.print(f"backbone fingerprint {trained.backbone.fingerprint} recorded in {out / 'manifest.yaml'}")
     evaluate_job(out / "manifest.yaml", csv, out / "eval", cache_root=work / "cache")
 

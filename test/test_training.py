@@ -6,14 +6,18 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from conftest import TINY_OVERRIDES
 from step_ros.data.synthetic import ATOMIC_ACTIONS, FINE_ACTIONS, OBJECTS, SYMMETRIC_PAIRS, generate
 from step_ros.model.manifest import load_manifest
 from step_ros.model.multitask import MultiTaskModel
-from step_ros.training.jobs import evaluate_job, extract_job, train_job
-from step_ros.training.train import TrainConfig
+from step_ros.data.annotations import load_annotations
+from step_ros.data.video import read_video
+from step_ros.model.multitask import backbone_from_manifest
+from step_ros.training.jobs import evaluate_job, extract_job, select, train_job
+from step_ros.training.train import TrainConfig, sample_windows, train_heads
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +96,46 @@ def test_label_not_in_manifest_is_an_error(tiny_data, tmp_path):
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(Exception, match="hold"):
         train_job(bad, csv, tmp_path / "out", TrainConfig(epochs=1), cache_root=root / "cache")
+
+
+def test_hflip_cache_holds_the_mirrored_frames_tokens(tiny_data, tmp_path):
+    root, csv, template = tiny_data
+    plain = extract_job(template, csv, tmp_path / "cache", split="test")
+    sample = select(load_annotations(csv), "test")[0]
+    with pytest.raises(FileNotFoundError, match="extract --hflip"):
+        plain.load(sample, hflip=True)
+    cache = extract_job(template, csv, tmp_path / "cache", split="test", hflip=True)
+    assert len(list(cache.root.glob("*-hflip.safetensors"))) == 2 * len(FINE_ACTIONS)
+    backbone = backbone_from_manifest(load_manifest(template))
+    frames = read_video(sample.video, sample.start_frame, sample.end_frame)
+    mirrored = cache.load(sample, hflip=True)
+    torch.testing.assert_close(mirrored, backbone.encode(np.ascontiguousarray(frames[:, :, ::-1])))
+    assert not torch.allclose(mirrored, cache.load(sample))  # a different view, not a copy
+
+
+def test_hflip_windows_come_from_either_view_and_keep_frame_order():
+    tokens = [torch.arange(10.0).view(10, 1, 1).expand(10, 2, 3).clone() for _ in range(4)]
+    mirrored = [-t for t in tokens]
+    rng = np.random.default_rng(0)
+    signs = []
+    for _ in range(20):
+        w = sample_windows(tokens, np.arange(4), 4, 2, rng, mirrored)  # (B, T, 1 + n, D)
+        frame_ids = w[:, :, 0, 0]
+        assert ((frame_ids.abs().diff(dim=1) == 2).all())  # order and interval kept in both views
+        signs += [int(torch.sign(f.sum())) for f in frame_ids if f.abs().sum() > 0]
+    assert set(signs) == {1, -1}
+    # Without mirrored tokens the random stream is the one training used before hflip existed.
+    a = sample_windows(tokens, np.arange(4), 4, 2, np.random.default_rng(1))
+    b = sample_windows(tokens, np.arange(4), 4, 2, np.random.default_rng(1), None)
+    assert torch.equal(a, b) and (a >= 0).all()
+
+
+def test_train_with_hflip_records_it_and_needs_the_mirrored_tokens(tiny_data):
+    root, csv, template = tiny_data
+    config = TrainConfig(epochs=1, batch_size=8, hflip=True)
+    train_job(template, csv, root / "flip", config, cache_root=root / "cache")
+    assert json.loads((root / "flip" / "train_log.json").read_text())["config"]["hflip"] is True
+    manifest = load_manifest(template)
+    tokens = [torch.zeros(12, 5, 192)]
+    with pytest.raises(ValueError, match="hflip"):
+        train_heads(manifest, 192, 4, tokens, {}, config, progress=False)

@@ -50,17 +50,26 @@ def select(dataset: Dataset, split: str | None, context: str | None = None) -> D
 def cached_tokens(
     dataset: Dataset, backbone: Backbone, cache_root: Path, progress: bool = True
 ) -> list[torch.Tensor]:
-    cache = extract(dataset, backbone, cache_root, progress=progress)
-    return load_all(dataset, cache)
+    return cached_views(dataset, backbone, cache_root, hflip=False, progress=progress)[0]
 
 
-def extract_job(manifest_path: Path, data: Path, cache_root: Path = DEFAULT_CACHE, split: str | None = None) -> TokenCache:
+def cached_views(
+    dataset: Dataset, backbone: Backbone, cache_root: Path, hflip: bool, progress: bool = True
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Tokens of every segment and, with ``hflip``, of its mirrored frames (extracting what is missing)."""
+    cache = extract(dataset, backbone, cache_root, progress=progress, hflip=hflip)
+    return load_all(dataset, cache), (load_all(dataset, cache, hflip=True) if hflip else None)
+
+
+def extract_job(manifest_path: Path, data: Path, cache_root: Path = DEFAULT_CACHE, split: str | None = None,
+                hflip: bool = False) -> TokenCache:
     manifest = load_manifest(manifest_path)
     dataset = select(load_annotations(data), split)
     backbone = backbone_from_manifest(manifest)
     start = time.perf_counter()
-    cache = extract(dataset, backbone, cache_root)
-    console.print(f"cached tokens of {len(dataset)} segments in {cache.root} ({time.perf_counter() - start:.0f} s)")
+    cache = extract(dataset, backbone, cache_root, hflip=hflip)
+    views = " (and mirrored)" if hflip else ""
+    console.print(f"cached tokens{views} of {len(dataset)} segments in {cache.root} ({time.perf_counter() - start:.0f} s)")
     return cache
 
 
@@ -82,12 +91,12 @@ def train_job(
     dataset = select(load_annotations(data), split)
     labels = label_indices(dataset, manifest)
     backbone = backbone or backbone_from_manifest(manifest)
-    tokens = cached_tokens(dataset, backbone, cache_root)
-    heads, log = train_heads(manifest, backbone.dim, backbone.num_patches, tokens, labels, config)
+    tokens, mirrored = cached_views(dataset, backbone, cache_root, config.hflip)
+    heads, log = train_heads(manifest, backbone.dim, backbone.num_patches, tokens, labels, config, mirrored=mirrored)
     manifest.backbone.fingerprint = backbone.fingerprint  # heads only fit these exact weights
     trained = save_trained(manifest, heads, out, dim=backbone.dim, num_tokens=backbone.num_patches, log=log,
                            config=config, backbone_source=backbone.source)
-    console.print(f"trained {len(heads)} head(s) [{', '.join(h.kind for h in trained.heads)}] -> {out / 'manifest.yaml'}")
+    console.print(f"trained {len(heads)} head(s) ({', '.join(h.kind for h in trained.heads)}) -> {out / 'manifest.yaml'}")
     return trained
 
 

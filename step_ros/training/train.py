@@ -3,7 +3,8 @@
 Backbone frozen (its tokens come from the cache); all heads of the manifest train together on
 the same clips, one cross-entropy per task.  AdamW, lr 1e-3 with cosine annealing, batch 32,
 60 epochs by default; temporal jitter (a random clip start per video and epoch), never a
-temporal flip.  Output: ``<out>/heads/<task>.safetensors`` (config in the metadata), a manifest
+temporal flip.  With ``hflip`` (the papers' horizontal flip; only for labels that a mirror image
+does not change) each clip is drawn from the mirrored frames' tokens half of the time.  Output: ``<out>/heads/<task>.safetensors`` (config in the metadata), a manifest
 pointing at them, and ``train_log.json`` + ``train_curve.png``.
 """
 
@@ -35,6 +36,7 @@ class TrainConfig:
     weight_decay: float = 0.02
     optimizer: str = "adamw"  # adamw | sgd (the papers use SGD on NTU)
     seed: int = 0
+    hflip: bool = False  # horizontal-flip augmentation from cached mirrored tokens
 
 
 def label_indices(dataset: Dataset, manifest: Manifest) -> dict[str, torch.Tensor]:
@@ -51,12 +53,19 @@ def label_indices(dataset: Dataset, manifest: Manifest) -> dict[str, torch.Tenso
 
 
 def sample_windows(
-    tokens: list[torch.Tensor], indices: np.ndarray, frames: int, interval: int, rng: np.random.Generator
+    tokens: list[torch.Tensor], indices: np.ndarray, frames: int, interval: int, rng: np.random.Generator,
+    mirrored: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """A batch of training windows (B, T, 1 + n, D), each at a random clip start."""
-    return torch.stack(
-        [tokens[i][torch.from_numpy(random_clip_indices(len(tokens[i]), frames, interval, rng))] for i in indices]
-    )
+    """A batch of training windows (B, T, 1 + n, D), each at a random clip start.
+
+    With ``mirrored`` (the same videos' hflip tokens) each window comes from either view with
+    probability 1/2; without it the random stream is the same as before hflip existed.
+    """
+    windows = []
+    for i in indices:
+        source = mirrored[i] if mirrored is not None and rng.random() < 0.5 else tokens[i]
+        windows.append(source[torch.from_numpy(random_clip_indices(len(source), frames, interval, rng))])
+    return torch.stack(windows)
 
 
 def train_heads(
@@ -67,8 +76,14 @@ def train_heads(
     labels: dict[str, torch.Tensor],
     config: TrainConfig,
     progress: bool = True,
+    mirrored: list[torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.nn.Module], list[dict]]:
-    """Train one head per manifest entry; returns the heads and a per-epoch log."""
+    """Train one head per manifest entry; returns the heads and a per-epoch log.
+
+    ``mirrored``: hflip tokens of the same videos, required when ``config.hflip``.
+    """
+    if config.hflip and (mirrored is None or len(mirrored) != len(tokens)):
+        raise ValueError("config.hflip needs the mirrored tokens of every training video (extract with hflip)")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     heads = {s.task: build_head(s, dim, manifest.frames, num_tokens) for s in manifest.heads}
@@ -92,7 +107,8 @@ def train_heads(
         start = time.perf_counter()
         for b in range(steps_per_epoch):
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
-            window = sample_windows(tokens, idx, manifest.frames, manifest.frame_interval, rng)
+            window = sample_windows(tokens, idx, manifest.frames, manifest.frame_interval, rng,
+                                    mirrored if config.hflip else None)
             loss = 0.0
             for task, head in heads.items():
                 logits = head(window)

@@ -572,10 +572,10 @@ def generate(
     """Write ``out_dir/videos/*.mp4`` and ``out_dir/annotations.csv``; return the CSV path.
 
     ``videos_per_class`` maps known-context splits to videos per class (default
-    ``DEFAULT_VIDEOS_PER_CLASS``: 384 / 4 / 8 for train / val / test); ``unknown_per_class`` videos per class go to
-    split ``test`` with context ``unknown``. Object kinds cycle over ``OBJECTS`` within each
-    (split, context, class), offset per class, so every kind appears in both contexts (and
-    in every class when a group has at least four videos).
+    ``DEFAULT_VIDEOS_PER_CLASS``: 384 / 4 / 8 for train / val / test); ``unknown_per_class``
+    videos per class go to split ``test`` with context ``unknown``. Object kinds cycle over
+    ``OBJECTS`` within each (split, context, class), offset per class, so every kind appears
+    in both contexts (and in every class when a group has at least four videos).
 
     ``workers`` processes render and encode (default: one per available CPU, but a single
     process for fewer than 64 videos, where starting processes costs more than it saves).

@@ -43,9 +43,6 @@ class TokenCache:
         view = "-hflip" if hflip else ""
         return self.root / f"{sample.video.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}{view}.safetensors"
 
-    def has(self, sample: Sample, hflip: bool = False) -> bool:
-        return self.path(sample, hflip).is_file()
-
     def load(self, sample: Sample, hflip: bool = False) -> torch.Tensor:
         path = self.path(sample, hflip)
         if not path.is_file():
@@ -64,15 +61,16 @@ def extract(
     cache = TokenCache.for_backbone(cache_root, backbone)
     cache.root.mkdir(parents=True, exist_ok=True)
     views = (False, True) if hflip else (False,)
-    todo = [s for s in dataset if not all(cache.has(s, v) for v in views)]
+    todo = []  # (sample, [(view, path) still missing])
+    for sample in dataset:
+        missing = [(v, path) for v in views if not (path := cache.path(sample, v)).is_file()]
+        if missing:
+            todo.append((sample, missing))
     bar = tqdm(todo, desc=f"extract ({backbone.arch.name})", unit="video", disable=not progress)
     frames_done = 0
-    for sample in bar:
+    for sample, missing in bar:
         frames = read_video(sample.video, sample.start_frame, sample.end_frame)
-        for view in views:
-            path = cache.path(sample, view)
-            if path.is_file():
-                continue
+        for view, path in missing:
             pixels = np.ascontiguousarray(frames[:, :, ::-1]) if view else frames  # (F, H, W, 3): mirror W
             tokens = backbone.encode(pixels, batch_size=batch_size).contiguous()
             tmp = path.with_suffix(".tmp")

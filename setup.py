@@ -27,6 +27,7 @@ setup(
         "tqdm>=4.60",
         "rich>=13",
         "rosbags>=0.10",
+        "psutil>=5.9",  # bench --suite data: memory of the process tree
     ],
     extras_require={
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],

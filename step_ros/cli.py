@@ -17,12 +17,35 @@ def _train_config(args: argparse.Namespace):
     from .training.train import TrainConfig
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       weight_decay=args.weight_decay, optimizer=args.optimizer, seed=args.seed, hflip=args.hflip)
+                       weight_decay=args.weight_decay, optimizer=args.optimizer, seed=args.seed, hflip=args.hflip,
+                       early_stop=getattr(args, "early_stop", 0),
+                       checkpoint_every=getattr(args, "checkpoint_every", TrainConfig.checkpoint_every))
+
+
+def _runtime(args: argparse.Namespace):
+    """Device, precision and (under torchrun) the process group; ranks other than 0 stay quiet."""
+    from .console import console
+    from .training.runtime import make_runtime
+
+    runtime = make_runtime(args.device, args.precision, args.workers)
+    args.runtime = runtime  # main() leaves the process group on the way out
+    if not runtime.is_main:
+        console.quiet = True
+        logging.getLogger("step_ros").setLevel(logging.WARNING)
+    return runtime
+
+
+def _tokens(args: argparse.Namespace):
+    from .training.jobs import TokenOptions
+
+    return TokenOptions(frame_stride=args.frame_stride, dtype=args.token_dtype,
+                        load=getattr(args, "load_tokens", "stream"))
 
 
 def _add_train_args(p: argparse.ArgumentParser, hflip: bool = False) -> None:
     p.add_argument("--epochs", type=int, default=60, help="training epochs (paper: 60)")
-    p.add_argument("--batch-size", type=int, default=32, help="clips per batch (paper: 32)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="clips per global batch, split across torchrun ranks (paper: 32)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine annealed (paper: 1e-3)")
     p.add_argument("--weight-decay", type=float, default=0.02)
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
@@ -30,6 +53,35 @@ def _add_train_args(p: argparse.ArgumentParser, hflip: bool = False) -> None:
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=hflip,
                    help="horizontal-flip augmentation (paper recipe) from cached mirrored tokens; only when a mirror "
                         "image keeps every label (no left/right classes)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="carve this fraction of each class's training videos (seeded) for validation; default: use "
+                        "the annotations' `val` rows when there are any")
+    p.add_argument("--early-stop", type=int, default=0, metavar="EPOCHS",
+                   help="stop after this many epochs without a better validation score (0: never)")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where it runs (also under torchrun: docs/SCALE.md)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: the GPU if there is one; "
+                                                    "under torchrun each rank takes the GPU of its local rank)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast for backbone and heads (auto: bf16 or fp16 on GPUs, fp32 on CPUs)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="DataLoader worker processes per rank that decode videos / read tokens ahead (0: none)")
+
+
+def _add_token_args(p: argparse.ArgumentParser, load: bool = False) -> None:
+    g = p.add_argument_group("token cache")
+    g.add_argument("--cache", type=Path, default=Path("runs/cache"), help="token cache folder")
+    g.add_argument("--token-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="how tokens are stored (float16: half of float32, error 5e-4 relative)")
+    g.add_argument("--frame-stride", type=int, default=1, metavar="K",
+                   help="cache only every K-th frame of each segment (K must divide the frame interval): "
+                        "K times less disk and extraction; clips start on that grid")
+    if load:
+        g.add_argument("--load-tokens", choices=["stream", "ram"], default="stream",
+                       help="stream windows from the memory-mapped cache (memory O(batch)), or load every token "
+                            "into RAM first (small datasets)")
 
 
 def cmd_synth(args):
@@ -44,7 +96,7 @@ def cmd_synth(args):
 def cmd_params(args):
     from .model.backbone import ARCHS
     from .model.heads import HEAD_KINDS, count_parameters, create_head, default_num_heads
-    from .training.report import print_table
+    from .console import print_table
 
     rows = []
     for name in args.arch:
@@ -62,27 +114,42 @@ def cmd_params(args):
 def cmd_extract(args):
     from .training.jobs import extract_job
 
-    extract_job(args.manifest, args.data, args.cache, split=args.split, hflip=args.hflip)
+    extract_job(args.manifest, args.data, args.cache, split=args.split, hflip=args.hflip, runtime=_runtime(args),
+                tokens=_tokens(args))
 
 
 def cmd_train(args):
     from .training.jobs import train_job
 
     train_job(args.manifest, args.data, args.out, _train_config(args), kind=args.kind, cache_root=args.cache,
-              split=args.split)
+              split=args.split, runtime=_runtime(args), tokens=_tokens(args), val_fraction=args.val_fraction,
+              resume=args.resume)
 
 
 def cmd_evaluate(args):
     from .training.jobs import evaluate_job
 
-    evaluate_job(args.manifest, args.data, args.out, split=args.split, num_clips=args.clips, cache_root=args.cache)
+    evaluate_job(args.manifest, args.data, args.out, split=args.split, num_clips=args.clips, cache_root=args.cache,
+                 runtime=_runtime(args), tokens=_tokens(args))
 
 
 def cmd_compare(args):
     from .training.jobs import compare_job
 
     compare_job(args.manifest, args.data, args.out, args.kinds.split(","), _train_config(args),
-                cache_root=args.cache, num_clips=args.clips)
+                cache_root=args.cache, num_clips=args.clips, runtime=_runtime(args), tokens=_tokens(args),
+                val_fraction=args.val_fraction)
+
+
+def cmd_migrate_cache(args):
+    from .console import console
+    from .training.cache import migrate
+
+    done = migrate(args.cache, args.token_dtype)
+    if not done:
+        console.print(f"nothing to migrate under {args.cache}: no folder of the old float32 format")
+    for folder in done:
+        console.print(f"migrated {folder} to {args.token_dtype} tokens (format 2)")
 
 
 def cmd_demo(args):
@@ -94,7 +161,8 @@ def cmd_demo(args):
 def cmd_reproduce_demo(args):
     from .demo import reproduce_demo_model
 
-    reproduce_demo_model(args.out, args.work, _train_config(args))
+    reproduce_demo_model(args.out, args.work, _train_config(args), runtime=_runtime(args), tokens=_tokens(args),
+                         val_fraction=args.val_fraction)
 
 
 def _lazy(module: str, func: str):
@@ -119,13 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    def common(p, manifest_required=True, data=True):
+    def common(p, manifest_required=True, data=True, load=False):
         p.add_argument("--manifest", type=Path, required=manifest_required, default=None if manifest_required
                        else DEMO_MANIFEST, help="model manifest (YAML)")
         if data:
             p.add_argument("--data", type=Path, required=True,
                            help="annotation CSV or folder-per-class root (docs/DATA_FORMAT.md)")
-        p.add_argument("--cache", type=Path, default=Path("runs/cache"), help="token cache folder")
+        _add_token_args(p, load=load)
+        _add_runtime_args(p)
 
     p = add("demo", cmd_demo, "main job: play a fresh synthetic demo bag to the live ROS node (or --offline)")
     p.add_argument("--offline", action="store_true", help="no ROS: evaluate the demo model on a fresh test set")
@@ -161,20 +230,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hflip", action="store_true", help="also cache the mirrored frames' tokens (for train --hflip)")
 
     p = add("train", cmd_train, "train the manifest's heads on cached tokens (paper recipe)")
-    common(p)
+    common(p, load=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--kind", default=None, help="train every head as this kind (step, attentive, ...)")
     p.add_argument("--split", default="train")
     _add_train_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its checkpoint (same options)")
+    p.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS",
+                   help="steps between resume checkpoints (one is also written every epoch and on Ctrl-C)")
 
     p = add("evaluate", cmd_evaluate, "accuracy overall / symmetric / reversed / shuffled, per task and class")
-    common(p)
+    common(p, load=True)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--split", default="test")
     p.add_argument("--clips", type=int, default=3, help="temporal views per video (16x3)")
 
     p = add("compare", cmd_compare, "train + evaluate each head kind on the same data (the papers' table)")
-    common(p)
+    common(p, load=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--kinds", default="step,attentive,self_attention,linear")
     p.add_argument("--clips", type=int, default=3)
@@ -182,8 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("reproduce-demo", cmd_reproduce_demo, "regenerate models/demo from scratch (data, cache, training)")
     p.add_argument("--out", type=Path, default=DEMO_MANIFEST.parent)
-    p.add_argument("--work", type=Path, default=Path("runs/reproduce-demo"))
+    p.add_argument("--work", type=Path, default=Path("runs/reproduce-demo"),
+                   help="where the synthetic data and the token cache (<work>/cache) go")
     _add_train_args(p, hflip=True)
+    g = p.add_argument_group("token cache")
+    g.add_argument("--token-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    g.add_argument("--frame-stride", type=int, default=1, metavar="K", help="cache every K-th frame only")
+    _add_runtime_args(p)
+
+    p = add("migrate-cache", cmd_migrate_cache, "convert a float32 token cache (format 1) in place to format 2")
+    p.add_argument("--cache", type=Path, default=Path("runs/cache"), help="token cache folder")
+    p.add_argument("--token-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
 
     # Subcommands whose arguments live beside their implementation (add_arguments/main).
     import importlib
@@ -206,19 +288,39 @@ MODULE_COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
+def _message(exc: BaseException) -> str:
+    """The user's line of an error; one raised in a DataLoader worker arrives wrapped in its
+    traceback text, whose last line is the original ``Type: message``."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("step_ros").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # not third parties
+    from .training.train import TrainingInterrupted
+
     try:
         result = args.func(args)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TrainingInterrupted) as exc:
+        if str(exc):
+            print(f"step-ros {args.command}: {exc}", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         if args.verbose:
             raise
-        print(f"step-ros {args.command}: error: {exc}", file=sys.stderr)
+        rank = getattr(args, "runtime", None)
+        who = f" (rank {rank.rank})" if rank is not None and rank.distributed else ""
+        print(f"step-ros {args.command}{who}: error: {_message(exc)}", file=sys.stderr)
         return 2
+    finally:
+        from .training.runtime import shutdown
+
+        shutdown(getattr(args, "runtime", None))
     return int(result or 0)
 
 

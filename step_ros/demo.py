@@ -12,8 +12,9 @@ from pathlib import Path
 
 from .model.manifest import load_manifest
 from .model.multitask import MultiTaskModel
-from .training.jobs import evaluate_job, train_job
-from .training.report import console
+from .training.jobs import TokenOptions, evaluate_job, train_job
+from .console import console
+from .training.runtime import Runtime
 from .training.train import TrainConfig
 
 MODELS = Path(__file__).resolve().parent.parent / "models" / "demo"
@@ -48,18 +49,24 @@ def run_demo(args: argparse.Namespace) -> int:
     return run_live_demo(args)
 
 
-def reproduce_demo_model(out: Path, work: Path, config: TrainConfig) -> None:
-    """Synthetic data (seed 0, default size) -> token cache -> STEP heads -> models/demo."""
+def reproduce_demo_model(out: Path, work: Path, config: TrainConfig, runtime: Runtime | None = None,
+                         tokens: TokenOptions = TokenOptions(), val_fraction: float = 0.0) -> None:
+    """Synthetic data (seed 0, default size) -> token cache -> STEP heads -> models/demo.
+
+    The heads kept are those of the epoch with the best validation score (the benchmark's
+    ``val`` split); the evaluation below is on its test split.
+    """
     from .data.synthetic import generate
 
     csv = generate(work / "data", seed=TRAIN_SEED)
-    trained = train_job(DEMO_TEMPLATE, csv, out, config, cache_root=work / "cache")
+    trained = train_job(DEMO_TEMPLATE, csv, out, config, cache_root=work / "cache", runtime=runtime, tokens=tokens,
+                        val_fraction=val_fraction)
     keep = {spec.checkpoint.resolve() for spec in trained.heads}
     for stale in (out / "heads").glob("*.safetensors"):  # heads of tasks no longer in the template
         if stale.resolve() not in keep:
             stale.unlink()
     console.print(f"backbone fingerprint {trained.backbone.fingerprint} recorded in {out / 'manifest.yaml'}")
-    evaluate_job(out / "manifest.yaml", csv, out / "eval", cache_root=work / "cache")
+    evaluate_job(out / "manifest.yaml", csv, out / "eval", cache_root=work / "cache", runtime=runtime, tokens=tokens)
 
 
 __all__ = ["DEMO_MANIFEST", "fresh_test_set", "reproduce_demo_model", "run_demo", "run_offline"]

@@ -368,7 +368,7 @@ def plot_timeline(spec: HeadSpec, records: list[dict], segments: list[Segment], 
 
     Nearly symmetric classes are shaded orange and their names drawn in orange.
     """
-    from ..training.report import plt, save_figure
+    from ..figures import plt, save_figure
 
     task = spec.task
     labels = list(spec.labels)
@@ -473,7 +473,8 @@ def replay_eval(
     ``report.json``, ``timeline_<task>.png`` and ``latency.png``. Returns the report dict.
     """
     from ..model.multitask import MultiTaskModel
-    from ..training.report import console, pct, plot_histogram, print_table, write_json
+    from ..console import console, pct, print_table, write_json
+    from ..figures import plot_histogram
 
     bag_path = Path(bag_path)
     manifest = manifest_path if isinstance(manifest_path, Manifest) else load_manifest(manifest_path)

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from step_ros.data.video import VIDEO_EXTENSIONS
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "load_csv",
     "load_folder",
     "check_labels",
+    "carve_validation",
     "RESERVED_COLUMNS",
     "SPLIT_NAMES",
 ]
@@ -318,3 +321,36 @@ def check_labels(dataset: Dataset, task: str, allowed_labels: Iterable[str]) -> 
             f"Allowed labels: {sorted(allowed)}"
         )
 
+
+
+def carve_validation(dataset: Dataset, fraction: float, task: str, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Split ``dataset`` into (train, validation), ``fraction`` of each ``task`` class to validation.
+
+    Whole videos move, never single segments: segments of one recording look alike, and a
+    validation clip whose neighbour was trained on would flatter the head.  A video counts for
+    the class of its first segment.  Every class with at least two videos gives at least one to
+    validation and keeps at least one; the choice depends only on ``seed``.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"--val-fraction must be between 0 and 1 (exclusive), got {fraction}")
+    if task not in dataset.tasks:
+        raise AnnotationError(f"task '{task}' is not in the annotations {dataset.source or ''} (tasks: {dataset.tasks})")
+    videos: dict[Path, list[Sample]] = {}
+    for s in dataset.samples:
+        videos.setdefault(s.video, []).append(s)
+    by_class: dict[str, list[Path]] = {}
+    for video, samples in videos.items():
+        by_class.setdefault(samples[0].labels[task], []).append(video)
+    rng = np.random.default_rng(seed)
+    held: set[Path] = set()
+    for label in sorted(by_class):
+        group = sorted(by_class[label], key=str)
+        if len(group) < 2:
+            continue
+        k = min(len(group) - 1, max(1, round(fraction * len(group))))
+        held.update(group[i] for i in rng.permutation(len(group))[:k])
+    train = [s for s in dataset.samples if s.video not in held]
+    val = [s for s in dataset.samples if s.video in held]
+    if not val:
+        raise ValueError(f"--val-fraction {fraction}: no class of '{task}' has two videos to split")
+    return (Dataset(train, list(dataset.tasks), dataset.source), Dataset(val, list(dataset.tasks), dataset.source))

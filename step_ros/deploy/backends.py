@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..model.backbone import Backbone, state_fingerprint
+from ..model.backbone import Backbone, preprocess_frames, state_fingerprint
 from .export import (
     DEFAULT_OPSET,
     EXPORT_FORMAT,
@@ -94,8 +94,7 @@ class Preprocessor:
         x = torch.as_tensor(frames)
         if x.device != self.device:
             x = x.to(self.device)
-        # The one implementation of the transform; it only reads image_size, mean and std.
-        return Backbone.preprocess(self, x)  # type: ignore[arg-type]
+        return preprocess_frames(x, self.image_size, self.mean, self.std)
 
 
 # --------------------------------------------------------------------------- encoders

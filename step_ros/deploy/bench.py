@@ -202,7 +202,7 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 
 def print_bench(result: dict) -> None:
-    from ..training.report import print_table
+    from ..console import print_table
 
     table = []
     for r in result["rows"]:
@@ -225,6 +225,11 @@ def print_bench(result: dict) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..training import bench_data
+
+    parser.add_argument("--suite", choices=["speed", "data"], default="speed",
+                        help="speed: inference (rows 1-5 above); data: the training pipeline at scale "
+                             "(cache bytes, train memory and throughput, extraction; step_ros/training/bench_data.py)")
     parser.add_argument("--arch", default="dinov2_vits14")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--frames", type=int, default=16, help="T")
@@ -246,11 +251,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="node parameter for the --node run, e.g. prediction_stride:=2")
     parser.add_argument("--cache", type=Path, default=Path("runs/onnx-cache"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    bench_data.add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..training.report import plot_histogram, write_json
+    from ..console import write_json
+    from ..figures import plot_histogram
 
+    if args.suite == "data":
+        from ..training.bench_data import main as data_main
+
+        return data_main(args)
     result = run_bench(args)
     print_bench(result)
     write_json(result, args.out / "bench.json")

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..model.manifest import load_manifest
     from ..model.multitask import MultiTaskModel
-    from ..training.report import print_table
+    from ..console import print_table
     from .export import export_backbone, export_heads, quantize_int8
 
     model = MultiTaskModel.from_manifest(load_manifest(args.manifest))

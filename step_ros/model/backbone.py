@@ -317,6 +317,37 @@ def state_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def preprocess_frames(
+    frames: torch.Tensor, image_size: int, mean: torch.Tensor | None = None, std: torch.Tensor | None = None
+) -> torch.Tensor:
+    """DINOv2 eval transform: resize shorter side to S*256/224 (bicubic, antialiased),
+    centre crop S, scale to [0, 1], ImageNet mean/std.  Input (B, H, W, 3) uint8 RGB.
+
+    The one implementation of the transform, free of any module: the backbone, the inference
+    backends and the extraction workers (which decode and preprocess ahead) all call it, on
+    whatever device ``frames`` live on.
+    """
+    x = torch.as_tensor(frames)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"frames must be uint8 RGB (B, H, W, 3), got {tuple(x.shape)} {x.dtype}")
+    if mean is None:
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    if std is None:
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    h, w = x.shape[-2:]
+    short = round(image_size * 256 / 224)
+    scale = short / min(h, w)
+    size = (max(image_size, round(h * scale)), max(image_size, round(w * scale)))
+    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    top = (size[0] - image_size) // 2
+    left = (size[1] - image_size) // 2
+    x = x[:, :, top : top + image_size, left : left + image_size]
+    return (x - mean) / std
+
+
 # --------------------------------------------------------------------------- module
 
 
@@ -365,23 +396,13 @@ class Backbone(nn.Module):
         self.model.config.image_size = self.image_size
 
     def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """DINOv2 eval transform: resize shorter side to S*256/224 (bicubic, antialiased),
-        centre crop S, scale to [0, 1], ImageNet mean/std.  Input (B, H, W, 3) uint8 RGB."""
+        """DINOv2 eval transform of uint8 RGB frames (B, H, W, 3), on the backbone's device.
+
+        Frames travel to the device as uint8, the smallest form of them."""
         x = torch.as_tensor(frames)
-        if x.ndim == 3:
-            x = x[None]
-        if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
-            raise ValueError(f"frames must be uint8 RGB (B, H, W, 3), got {tuple(x.shape)} {x.dtype}")
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        h, w = x.shape[-2:]
-        short = round(self.image_size * 256 / 224)
-        scale = short / min(h, w)
-        size = (max(self.image_size, round(h * scale)), max(self.image_size, round(w * scale)))
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-        top = (size[0] - self.image_size) // 2
-        left = (size[1] - self.image_size) // 2
-        x = x[:, :, top : top + self.image_size, left : left + self.image_size]
-        return (x - self.mean) / self.std
+        if x.device != self.mean.device:
+            x = x.to(self.mean.device)
+        return preprocess_frames(x, self.image_size, self.mean, self.std)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         hidden = self.model(pixel_values=pixels).last_hidden_state
@@ -390,7 +411,7 @@ class Backbone(nn.Module):
 
     @torch.inference_mode()
     def encode(self, frames: np.ndarray | torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-        """Raw uint8 RGB frames (B, H, W, 3) -> tokens (B, 1 + n, D)."""
+        """Raw uint8 RGB frames (B, H, W, 3) -> tokens (B, 1 + n, D), on the backbone's device."""
         frames = torch.as_tensor(frames)
         if frames.ndim == 3:
             frames = frames[None]
@@ -448,6 +469,7 @@ __all__ = [
     "build_backbone",
     "hf_to_meta",
     "meta_to_hf",
+    "preprocess_frames",
     "resolve_arch",
     "seeded_state_dict",
     "state_fingerprint",

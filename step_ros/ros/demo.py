@@ -194,7 +194,7 @@ def run_live_demo(args: argparse.Namespace) -> int:
     from step_ros.bags.play import play
     from step_ros.bags.record import record
     from step_ros.demo import DEMO_MANIFEST, fresh_test_set
-    from step_ros.training.report import console, pct, print_table, write_json
+    from step_ros.console import console, pct, print_table, write_json
 
     out: Path = Path(args.out)
     per_class = int(getattr(args, "per_class", 1) or 1)

@@ -140,7 +140,7 @@ def run_soak(manifest: Path | None, frames: int, fps: float, out: Path, size: in
     from sensor_msgs.msg import Image
 
     from step_ros.model.manifest import load_manifest
-    from step_ros.training.report import console, print_table, write_json
+    from step_ros.console import console, print_table, write_json
 
     out.mkdir(parents=True, exist_ok=True)
     if manifest is None:
@@ -339,7 +339,7 @@ def _print(r: dict, print_table) -> None:
 
 
 def _plot(actions, rss, sent_stamps, path: Path, title: str) -> Path:
-    from step_ros.training.report import plt, save_figure
+    from step_ros.figures import plt, save_figure
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     first = sent_stamps[0] if sent_stamps else 0

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..data.annotations import Dataset
-from ..data.clips import clip_indices, clip_starts
 from ..model.manifest import HeadSpec, Manifest
+from .loader import TokenSource, ViewDataset, make_loader
+from .runtime import Runtime
 
 ORDERS = ("normal", "reversed", "shuffled")
 
@@ -37,37 +39,60 @@ def order_permutation(order: str, frames: int, rng: np.random.Generator) -> np.n
     raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
 
 
-def view_windows(tokens: torch.Tensor, frames: int, interval: int, num_clips: int) -> torch.Tensor:
-    """The test-time views of one video: (num_clips, T, 1 + n, D)."""
-    starts = clip_starts(len(tokens), frames, interval, num_clips)
-    idx = np.stack([clip_indices(len(tokens), frames, interval, int(s)) for s in starts])
-    return tokens[torch.from_numpy(idx)]
-
-
 @torch.inference_mode()
 def predict(
     heads: dict[str, torch.nn.Module],
     manifest: Manifest,
-    tokens: list[torch.Tensor],
+    source: TokenSource,
     *,
+    runtime: Runtime | None = None,
     num_clips: int = 3,
     orders: tuple[str, ...] = ORDERS,
     seed: int = 0,
     batch_videos: int = 8,
-) -> dict[str, dict[str, np.ndarray]]:
-    """Class probabilities averaged over views: ``{order: {task: (N, C)}}``."""
-    rng = np.random.default_rng(seed)
-    perms = {o: [order_permutation(o, manifest.frames, rng) for _ in tokens] for o in orders}
-    out = {o: {t: [] for t in heads} for o in orders}
-    for start in range(0, len(tokens), batch_videos):
-        chunk = range(start, min(len(tokens), start + batch_videos))
-        views = {i: view_windows(tokens[i], manifest.frames, manifest.frame_interval, num_clips) for i in chunk}
-        for o in orders:
-            batch = torch.cat([views[i][:, torch.from_numpy(perms[o][i])] for i in chunk])
-            for task, head in heads.items():
-                probs = torch.softmax(head(batch).float(), -1).reshape(len(chunk), num_clips, -1).mean(1)
-                out[o][task].append(probs.numpy())
-    return {o: {t: np.concatenate(v) for t, v in d.items()} for o, d in out.items()}
+    progress: bool = False,
+) -> dict[str, dict[str, np.ndarray]] | None:
+    """Class probabilities averaged over views: ``{order: {task: (N, C)}}``.
+
+    Under torchrun each rank scores its share of the videos and rank 0 gathers them in
+    dataset order (other ranks get ``None``).  A shuffled order is drawn per video from
+    ``(seed, video index)``, so it does not depend on how videos were split.
+    """
+    runtime = runtime or Runtime(torch.device("cpu"))
+    for head in heads.values():
+        head.to(runtime.device).eval()
+    views = ViewDataset(source, manifest.frames, manifest.frame_interval, num_clips)
+    mine = list(runtime.shard(len(source)))
+    loader = make_loader(views, runtime, indices=mine, batch_size=batch_videos)
+    out: dict[str, dict[str, list[np.ndarray]]] = {o: {t: [] for t in heads} for o in orders}
+    seen: list[np.ndarray] = []
+    with tqdm(loader, desc="evaluate", unit="batch", disable=not (progress and runtime.is_main)) as batches:
+        for index, batch in batches:
+            batch = batch.to(runtime.device, non_blocking=True).float()  # (B, clips, T, 1 + n, D)
+            seen.append(index.numpy())
+            for o in orders:
+                perms = [order_permutation(o, manifest.frames, np.random.default_rng([seed, int(i)])) for i in index]
+                windows = torch.stack([v[:, torch.from_numpy(p).to(batch.device)] for v, p in zip(batch, perms)])
+                windows = windows.flatten(0, 1)  # (B * clips, T, 1 + n, D)
+                with runtime.autocast():
+                    logits = {task: head(windows) for task, head in heads.items()}
+                for task, lt in logits.items():
+                    probs = torch.softmax(lt.float(), -1).reshape(len(index), num_clips, -1).mean(1)
+                    out[o][task].append(probs.cpu().numpy())
+    local = ({o: {t: np.concatenate(v) if v else None for t, v in d.items()} for o, d in out.items()},
+             np.concatenate(seen) if seen else np.zeros(0, np.int64))
+    parts = runtime.gather_objects(local)
+    if parts is None:
+        return None
+    order_of = np.concatenate([idx for _, idx in parts])
+    position = np.argsort(order_of, kind="stable")
+    merged = {}
+    for o in orders:
+        merged[o] = {}
+        for t in heads:
+            arrays = [probs[o][t] for probs, idx in parts if len(idx)]
+            merged[o][t] = np.concatenate(arrays)[position]
+    return merged
 
 
 @dataclass
@@ -186,5 +211,4 @@ __all__ = [
     "predict",
     "predictions_table",
     "score",
-    "view_windows",
 ]

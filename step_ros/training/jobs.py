@@ -1,37 +1,56 @@
 """The workflows behind ``step-ros extract | train | evaluate | compare``.
 
 Each job takes paths (manifest, annotations, output folder), does one thing end to end, writes
-its results to disk (JSON + PNG) and prints a summary.  The CLI only parses arguments.
+its results to disk (JSON + PNG) and prints a summary.  The CLI only parses arguments.  Every
+job runs the same under ``torchrun``: ranks share the work, rank 0 writes and prints.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..data.annotations import Dataset, load_annotations
+from ..console import console, pct, print_table, write_json
+from ..data.annotations import Dataset, carve_validation, load_annotations
 from ..model.backbone import Backbone
 from ..model.manifest import Manifest, load_manifest
 from ..model.multitask import MultiTaskModel, backbone_from_manifest
-from .cache import TokenCache, extract, load_all
+from .cache import DEFAULT_TOKEN_DTYPE, TokenCache, extract
 from .evaluate import ORDERS, evaluate_predictions, predict, predictions_table
-from .report import (
-    console,
-    pct,
-    plot_comparison,
-    plot_confusion,
-    plot_per_class,
-    print_evaluation,
-    print_table,
-    write_json,
-)
-from .train import TrainConfig, label_indices, save_trained, train_heads
+from .loader import Split, StreamedTokens, TokenSource, TokensInRam, row_step
+from .report import plot_comparison, plot_confusion, plot_per_class, print_evaluation
+from .runtime import Runtime
+from .train import STATE_FILE, TrainConfig, TrainResult, label_indices, save_trained, train_heads
 
 DEFAULT_CACHE = Path("runs/cache")
+LOADS = ("stream", "ram")
+
+
+@dataclass(frozen=True)
+class TokenOptions:
+    """How tokens are cached (dtype, frame stride) and read (streamed from disk, or all in RAM)."""
+
+    frame_stride: int = 1
+    dtype: str = DEFAULT_TOKEN_DTYPE
+    load: str = "stream"
+
+    def cache(self, cache_root: Path, backbone: Backbone) -> TokenCache:
+        return TokenCache.for_backbone(cache_root, backbone, frame_stride=self.frame_stride, dtype=self.dtype)
+
+    def source(self, dataset: Dataset, cache: TokenCache, hflip: bool = False, progress: bool = False) -> TokenSource:
+        if self.load == "stream":
+            return StreamedTokens(cache, dataset)
+        if self.load == "ram":
+            return TokensInRam.load(cache, dataset, hflip=hflip, progress=progress)
+        raise ValueError(f"--load-tokens must be one of {', '.join(LOADS)}, got {self.load!r}")
+
+
+def _cpu() -> Runtime:
+    return Runtime(torch.device("cpu"))
 
 
 def select(dataset: Dataset, split: str | None, context: str | None = None) -> Dataset:
@@ -47,30 +66,88 @@ def select(dataset: Dataset, split: str | None, context: str | None = None) -> D
     return dataset
 
 
-def cached_tokens(
-    dataset: Dataset, backbone: Backbone, cache_root: Path, progress: bool = True
-) -> list[torch.Tensor]:
-    return cached_views(dataset, backbone, cache_root, hflip=False, progress=progress)[0]
+def train_and_validation(dataset: Dataset, split: str, val_split: str | None, val_fraction: float, task: str,
+                         seed: int) -> tuple[Dataset, Dataset | None]:
+    """The training samples and the validation samples, if any.
 
-
-def cached_views(
-    dataset: Dataset, backbone: Backbone, cache_root: Path, hflip: bool, progress: bool = True
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """Tokens of every segment and, with ``hflip``, of its mirrored frames (extracting what is missing)."""
-    cache = extract(dataset, backbone, cache_root, progress=progress, hflip=hflip)
-    return load_all(dataset, cache), (load_all(dataset, cache, hflip=True) if hflip else None)
+    ``val_fraction`` > 0 carves whole videos from the training split (per class of ``task``);
+    otherwise the annotations' ``val_split`` rows are used when they exist.
+    """
+    train = select(dataset, split)
+    if val_fraction:
+        return carve_validation(train, val_fraction, task, seed)
+    if val_split and val_split in dataset.splits and val_split != split:
+        return train, dataset.filter(split=val_split)
+    return train, None
 
 
 def extract_job(manifest_path: Path, data: Path, cache_root: Path = DEFAULT_CACHE, split: str | None = None,
-                hflip: bool = False) -> TokenCache:
+                hflip: bool = False, *, runtime: Runtime | None = None,
+                tokens: TokenOptions = TokenOptions()) -> TokenCache:
+    runtime = runtime or _cpu()
     manifest = load_manifest(manifest_path)
+    row_step(manifest.frame_interval, tokens.frame_stride)  # a stride clips cannot use: fail before the work
     dataset = select(load_annotations(data), split)
-    backbone = backbone_from_manifest(manifest)
+    backbone = backbone_from_manifest(manifest).to(runtime.device)
     start = time.perf_counter()
-    cache = extract(dataset, backbone, cache_root, hflip=hflip)
+    cache = extract(dataset, backbone, tokens.cache(cache_root, backbone), runtime=runtime, hflip=hflip)
     views = " (and mirrored)" if hflip else ""
-    console.print(f"cached tokens{views} of {len(dataset)} segments in {cache.root} ({time.perf_counter() - start:.0f} s)")
+    console.print(f"cached {tokens.dtype} tokens{views} of {len(dataset)} segments in {cache.root} "
+                  f"({time.perf_counter() - start:.0f} s)")
     return cache
+
+
+def head_path(out: Path, task: str) -> Path:
+    return out / "heads" / f"{task}.safetensors"
+
+
+def _train(
+    manifest: Manifest, data: Path, out: Path, config: TrainConfig, *, cache_root: Path, split: str,
+    backbone: Backbone | None, runtime: Runtime, tokens: TokenOptions, val_split: str | None, val_fraction: float,
+    resume: bool,
+) -> tuple[Manifest, TrainResult, Backbone]:
+    state_path = out / STATE_FILE
+    if state_path.is_file() and not resume:
+        raise FileExistsError(f"{state_path} holds an unfinished training run: continue it with --resume, "
+                              "or delete the file to start over")
+    row_step(manifest.frame_interval, tokens.frame_stride)
+    task = manifest.heads[0].task
+    train_ds, val_ds = train_and_validation(load_annotations(data), split, val_split, val_fraction, task, config.seed)
+    labels = label_indices(train_ds, manifest)
+    val_labels = label_indices(val_ds, manifest) if val_ds is not None else None
+    backbone = backbone or backbone_from_manifest(manifest)
+    backbone.to(runtime.device)
+    cache = tokens.cache(cache_root, backbone)
+    extract(train_ds, backbone, cache, runtime=runtime, hflip=config.hflip)
+    if val_ds is not None:
+        extract(val_ds, backbone, cache, runtime=runtime)
+    train = Split(tokens.source(train_ds, cache, config.hflip, progress=runtime.is_main), labels)
+    val = Split(tokens.source(val_ds, cache), val_labels) if val_ds is not None else None
+    if runtime.is_main:
+        where = f"{len(val_ds)} validation" if val_ds is not None else "no validation"
+        how = "streamed from" if tokens.load == "stream" else "loaded into RAM from"
+        console.print(f"training {len(manifest.heads)} head(s) on {len(train_ds)} samples, {where} ({runtime.describe()}; "
+                      f"tokens {how} {cache.root})")
+    result = train_heads(manifest, backbone.dim, backbone.num_patches, train, config, runtime=runtime, val=val,
+                         state_path=state_path, resume=resume, progress=runtime.is_main)
+    manifest = copy.deepcopy(manifest)
+    manifest.backbone.fingerprint = backbone.fingerprint  # heads only fit these exact weights
+    extra = {"runtime": {"device": str(runtime.device), "precision": runtime.precision,
+                         "world_size": runtime.world_size, "workers": runtime.workers},
+             "tokens": asdict(tokens), "num_train": len(train_ds), "num_val": len(val_ds) if val_ds else 0}
+    if runtime.is_main:
+        trained = save_trained(manifest, result, out, dim=backbone.dim, num_tokens=backbone.num_patches,
+                               config=config, backbone_source=backbone.source, extra_log=extra)
+        state_path.unlink(missing_ok=True)  # a finished run leaves no resume state behind
+        kinds = ", ".join(h.kind for h in trained.heads)
+        console.print(f"trained {len(result.heads)} head(s) ({kinds}); kept the {result.selection} "
+                      f"(epoch {result.selected_epoch}) -> {out / 'manifest.yaml'}")
+    else:  # the same manifest, without writing: rank 0 owns the files
+        trained = copy.deepcopy(manifest)
+        for spec in trained.heads:
+            spec.checkpoint = head_path(out, spec.task)
+    runtime.barrier()
+    return trained, result, backbone
 
 
 def train_job(
@@ -83,20 +160,19 @@ def train_job(
     cache_root: Path = DEFAULT_CACHE,
     split: str = "train",
     backbone: Backbone | None = None,
+    runtime: Runtime | None = None,
+    tokens: TokenOptions = TokenOptions(),
+    val_split: str | None = "val",
+    val_fraction: float = 0.0,
+    resume: bool = False,
 ) -> Manifest:
     """Train every head of ``manifest_path`` (optionally all as ``kind``) on ``split``."""
     manifest = load_manifest(manifest_path)
     if kind:
         manifest = with_kind(manifest, kind)
-    dataset = select(load_annotations(data), split)
-    labels = label_indices(dataset, manifest)
-    backbone = backbone or backbone_from_manifest(manifest)
-    tokens, mirrored = cached_views(dataset, backbone, cache_root, config.hflip)
-    heads, log = train_heads(manifest, backbone.dim, backbone.num_patches, tokens, labels, config, mirrored=mirrored)
-    manifest.backbone.fingerprint = backbone.fingerprint  # heads only fit these exact weights
-    trained = save_trained(manifest, heads, out, dim=backbone.dim, num_tokens=backbone.num_patches, log=log,
-                           config=config, backbone_source=backbone.source)
-    console.print(f"trained {len(heads)} head(s) ({', '.join(h.kind for h in trained.heads)}) -> {out / 'manifest.yaml'}")
+    trained, _, _ = _train(manifest, data, out, config, cache_root=cache_root, split=split, backbone=backbone,
+                           runtime=runtime or _cpu(), tokens=tokens, val_split=val_split,
+                           val_fraction=val_fraction, resume=resume)
     return trained
 
 
@@ -119,18 +195,30 @@ def evaluate_job(
     cache_root: Path = DEFAULT_CACHE,
     model: MultiTaskModel | None = None,
     quiet: bool = False,
-) -> dict:
-    """Evaluate a trained manifest; writes report.json, predictions.json and PNG figures."""
+    runtime: Runtime | None = None,
+    tokens: TokenOptions = TokenOptions(),
+) -> dict | None:
+    """Evaluate a trained manifest; writes report.json, predictions.json and PNG figures.
+
+    Returns the report on rank 0 (``None`` on the other ranks of a torchrun job).
+    """
+    runtime = runtime or _cpu()
     model = model or MultiTaskModel.from_manifest(load_manifest(manifest_path))
     manifest = model.manifest
+    row_step(manifest.frame_interval, tokens.frame_stride)
     dataset = select(load_annotations(data), split)
     label_indices(dataset, manifest)  # unknown labels -> clear error before any work
-    tokens = cached_tokens(dataset, model.backbone, cache_root, progress=not quiet)
-    probs = predict(dict(model.heads.items()), manifest, tokens, num_clips=num_clips, orders=ORDERS)
+    model.backbone.to(runtime.device)
+    cache = extract(dataset, model.backbone, tokens.cache(cache_root, model.backbone), runtime=runtime,
+                    progress=not quiet)
+    probs = predict(dict(model.heads.items()), manifest, tokens.source(dataset, cache), runtime=runtime,
+                    num_clips=num_clips, orders=ORDERS, progress=not quiet)
+    if probs is None:  # not rank 0
+        return None
     report = evaluate_predictions(manifest, dataset, probs)
     report.update(model=manifest.name, manifest=str(manifest_path), data=str(data), split=split,
                   num_clips=num_clips, backbone=model.backbone.source,
-                  head_kinds={s.task: s.kind for s in manifest.heads})
+                  head_kinds={s.task: s.kind for s in manifest.heads}, tokens=asdict(tokens))
     if out is not None:
         out = Path(out)
         write_json(report, out / "report.json")
@@ -141,7 +229,7 @@ def evaluate_job(
                            f"{manifest.name}: {spec.task} ({spec.kind})")
             plot_per_class(r["per_class"], out / f"per_class_{spec.task}.png", f"{spec.task} ({spec.kind})")
     if not quiet:
-        print_evaluation(report, title=f"[{manifest.name}] ")
+        print_evaluation(report, title=f"{manifest.name}: ")
         if out is not None:
             console.print(f"report: {out / 'report.json'}  figures: {out}/*.png")
     return report
@@ -174,21 +262,31 @@ def compare_job(
     *,
     cache_root: Path = DEFAULT_CACHE,
     num_clips: int = 3,
-) -> dict:
+    runtime: Runtime | None = None,
+    tokens: TokenOptions = TokenOptions(),
+    val_fraction: float = 0.0,
+) -> dict | None:
     """Train and evaluate the same tasks with each head kind: the papers' comparison in one run."""
+    runtime = runtime or _cpu()
     template = load_manifest(manifest_path)
     backbone = backbone_from_manifest(template)
     results: dict = {"kinds": {}, "config": asdict(config)}
     for kind in kinds:
-        console.rule(f"[bold]{kind}")
+        console.rule(kind)
         run = out / kind
-        tmp_manifest = with_kind(template, kind)
-        tmp_manifest.save(run / "template.yaml")
-        trained = train_job(run / "template.yaml", data, run, config, cache_root=cache_root, backbone=backbone)
-        model = MultiTaskModel.from_manifest(trained, backbone=backbone)
-        report = evaluate_job(run / "manifest.yaml", data, run / "eval", num_clips=num_clips,
-                              cache_root=cache_root, model=model, quiet=True)
-        results["kinds"][kind] = {t: headline(report, t) for t in report["tasks"]}
+        manifest = with_kind(template, kind)
+        if runtime.is_main:
+            manifest.save(run / "template.yaml")
+        trained, result, backbone = _train(
+            manifest, data, run, config, cache_root=cache_root, split="train", backbone=backbone, runtime=runtime,
+            tokens=tokens, val_split="val", val_fraction=val_fraction, resume=False)
+        model = MultiTaskModel(trained, backbone, result.heads)
+        report = evaluate_job(run / "manifest.yaml", data, run / "eval", num_clips=num_clips, cache_root=cache_root,
+                              model=model, quiet=True, runtime=runtime, tokens=tokens)
+        if report is not None:
+            results["kinds"][kind] = {t: headline(report, t) for t in report["tasks"]}
+    if not runtime.is_main:
+        return None
     for task in template.tasks:
         rows = [{"kind": k, **results["kinds"][k][task]} for k in kinds]
         cols = [c for c in rows[0] if c != "kind"]
@@ -200,4 +298,5 @@ def compare_job(
     return results
 
 
-__all__ = ["compare_job", "evaluate_job", "extract_job", "headline", "select", "train_job", "with_kind"]
+__all__ = ["DEFAULT_CACHE", "LOADS", "TokenOptions", "compare_job", "evaluate_job", "extract_job", "headline",
+           "select", "train_and_validation", "train_job", "with_kind"]

@@ -1,41 +1,13 @@
-"""Reports people look at: console tables (rich) and PNG figures (matplotlib, headless)."""
+"""Training and evaluation reports: per-task tables and the figures of a run (PNG)."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
-from typing import Any, Iterable
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)  # logs: wide tables
-
-
-def pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def write_json(data: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, default=str))  # Paths and the like as text
-    return path
-
-
-def print_table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> None:
-    table = Table(title=title, title_justify="left")
-    for i, c in enumerate(columns):
-        table.add_column(c, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*[str(x) for x in row])
-    console.print(table)
+from ..console import pct, print_table
+from ..figures import plt, save_figure
 
 
 def print_evaluation(report: dict, title: str = "") -> None:
@@ -55,14 +27,6 @@ def print_evaluation(report: dict, title: str = "") -> None:
             [[c["label"] + (" *" if c["symmetric"] else ""), pct(c["accuracy"]), c["confused_with"] or "-",
               pct(c["confusion_rate"]), pct(c.get("accuracy_reversed"))] for c in worst],
         )
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Write a figure as PNG and free it (long jobs draw many)."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
 
 
 def plot_confusion(matrix: np.ndarray, labels: list[str], path: str | Path, title: str) -> Path:
@@ -102,14 +66,33 @@ def plot_per_class(per_class: list[dict], path: str | Path, title: str) -> Path:
     return save_figure(fig, path)
 
 
-def plot_training(log: list[dict], path: str | Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+def plot_training(log: list[dict], path: str | Path, selected: int | None = None) -> Path:
+    """Loss, training accuracy and validation accuracy on separate axes, the kept epoch marked.
+
+    Separate panels because the two accuracies mean different things: a head at 100 % train
+    and chance on validation must look wrong at a glance, not like two lines near each other.
+    """
     epochs = [e["epoch"] for e in log]
-    ax.plot(epochs, [e["loss"] for e in log], label="loss (last batch)")
-    for key in [k for k in log[0] if k.startswith("train_acc/")]:
-        ax.plot(epochs, [e[key] for e in log], label=key)
-    ax.set_xlabel("epoch")
-    ax.legend(fontsize=8)
+    tasks = [k.split("/", 1)[1] for k in log[0] if k.startswith("train_acc/")]
+    has_val = "val_loss" in log[0]
+    fig, axes = plt.subplots(1, 3 if has_val else 2, figsize=(13 if has_val else 9, 3.6))
+    axes[0].plot(epochs, [e["loss"] for e in log], label="train (epoch mean)")
+    if has_val:
+        axes[0].plot(epochs, [e["val_loss"] for e in log], label="validation")
+    axes[0].set_title("loss (sum over tasks)")
+    panels = [(axes[1], "train_acc", "training accuracy (random clips)")]
+    if has_val:
+        panels.append((axes[2], "val_acc", "validation accuracy (centred clip)"))
+    for ax, key, title in panels:
+        for task in tasks:
+            ax.plot(epochs, [e[f"{key}/{task}"] for e in log], label=task)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(title)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        if selected is not None:
+            ax.axvline(selected, color="grey", ls="--", lw=1, label=f"kept: epoch {selected}")
+        ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 
@@ -129,27 +112,10 @@ def plot_comparison(rows: list[dict], path: str | Path, title: str) -> Path:
     return save_figure(fig, path)
 
 
-def plot_histogram(values_ms: dict[str, list[float]], path: str | Path, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, v in values_ms.items():
-        ax.hist(v, bins=40, alpha=0.6, label=f"{name} (median {np.median(v):.1f} ms)")
-    ax.set_xlabel("ms")
-    ax.set_ylabel("count")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
-
-
 __all__ = [
-    "console",
-    "pct",
     "plot_comparison",
     "plot_confusion",
-    "plot_histogram",
     "plot_per_class",
     "plot_training",
     "print_evaluation",
-    "print_table",
-    "save_figure",
-    "write_json",
 ]

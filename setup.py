@@ -16,8 +16,8 @@ setup(
     # the message definitions, so rosbags can decode step_ros messages without the source tree
     data_files=[("share/step_ros/msg", sorted(str(p) for p in Path("msg").glob("*.msg")))],
     install_requires=[
-        "torch>=2.2",
-        "transformers>=4.47",
+        "torch>=2.3",  # JetPack 6.0's NVIDIA wheel is 2.3.0; step_ros.support checks the rest at start-up
+        "transformers>=4.47",  # transformers 5 needs torch >= 2.6: use 4.x with an older torch
         "safetensors>=0.4",
         "numpy>=1.24",
         "PyYAML>=6",
@@ -27,12 +27,13 @@ setup(
         "tqdm>=4.60",
         "rich>=13",
         "rosbags>=0.10",
+        "packaging>=21",
         "psutil>=5.9",  # bench --suite data: memory of the process tree
     ],
     extras_require={
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
         # On Jetson use the TensorRT Python bindings that JetPack ships instead.
-        "tensorrt": ["tensorrt>=10"],
+        "tensorrt": ["tensorrt>=10,<11"],  # x86 wheels; JetPack 6.0's bindings (8.6) also work
         "test": ["pytest>=8"],
     },
     entry_points={"console_scripts": ["step-ros = step_ros.cli:main"]},

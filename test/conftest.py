@@ -33,6 +33,27 @@ def tiny_manifest_dict(frames: int = 4, interval: int = 2, image_size: int = 42,
     }
 
 
+def synthetic_manifest(path: Path, name: str = "tiny-synthetic") -> Path:
+    """A 3-task manifest for the synthetic benchmark's labels on the tiny backbone, written to ``path``."""
+    import yaml
+
+    from step_ros.data.synthetic import ATOMIC_ACTIONS, FINE_ACTIONS, OBJECTS, SYMMETRIC_PAIRS
+
+    manifest = {
+        "name": name,
+        "backbone": {"arch": "dinov2_vitt14", "random_seed": 0, "image_size": 42, "overrides": TINY_OVERRIDES},
+        "frames": 4,
+        "frame_interval": 2,
+        "heads": [
+            {"task": "fine_action", "labels": FINE_ACTIONS, "symmetric_pairs": [list(p) for p in SYMMETRIC_PAIRS]},
+            {"task": "atomic_action", "labels": ATOMIC_ACTIONS},
+            {"task": "object_in_use", "labels": OBJECTS},
+        ],
+    }
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
 @pytest.fixture
 def tiny_model():
     from step_ros.model.manifest import parse_manifest

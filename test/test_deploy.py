@@ -235,3 +235,102 @@ def test_gemm_peak_is_the_best_library_and_int8_is_separate():
     assert peaks["torch"] > 0 and peaks["onnxruntime"] > 0 and peaks["int8"] > 0
     assert peaks["fp32"] == max(peaks["torch"], peaks["onnxruntime"])
     assert "best of torch" in describe_peaks(peaks)
+
+
+# --------------------------------------------------------------------------- NaN-proof parity checks
+
+
+def _with_nan(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    """A copy of ``module`` with one NaN planted in parameter ``name``: every output turns NaN."""
+    broken = copy.deepcopy(module)
+    with torch.no_grad():
+        dict(broken.named_parameters())[name].view(-1)[0] = float("nan")
+    return broken
+
+
+def test_parity_helpers_never_read_nan_as_exact():
+    from step_ros.deploy.export import max_abs_error, within, worst_error
+
+    a = np.zeros(4)
+    assert max_abs_error(a, a) == 0.0 and within(0.0, 1e-6)
+    nan = np.array([0.0, np.nan, 0.0, 0.0])
+    assert np.isnan(max_abs_error(nan, a)) and np.isnan(max_abs_error(a, torch.tensor(nan)))
+    assert np.isnan(max_abs_error(np.array([np.inf]), np.array([np.inf])))  # inf - inf is not "0 apart"
+    assert max(0.0, float("nan")) == 0.0  # why a running max() lost it
+    assert np.isnan(worst_error([0.0, float("nan"), 1.0])) and worst_error([0.5, 0.25]) == 0.5
+    assert not within(float("nan"), 1e9)
+
+
+def test_backbone_export_with_a_nan_fails_its_check(tiny_model, tmp_path):
+    from step_ros.deploy.export import ExportError
+
+    broken = _with_nan(tiny_model.backbone, "model.encoder.layer.0.mlp.fc1.weight")
+    with pytest.raises(ExportError, match="non-finite"):
+        export_backbone(broken, tmp_path / "nan.onnx", tolerance=1e-2, verbose=False)
+    # The ONNX Runtime backend checks its export the same way, so it refuses to start.
+    with pytest.raises(ExportError, match="non-finite"):
+        create_encoder("onnxruntime", broken, tmp_path, device="cpu")
+
+
+def test_heads_export_with_a_nan_fails_its_check(tiny_model, tmp_path):
+    from step_ros.deploy.export import ExportError
+
+    model = copy.deepcopy(tiny_model)
+    task = model.tasks[0]
+    model.heads[task] = _with_nan(model.heads[task], "classifier.weight")
+    with pytest.raises(ExportError, match="non-finite"):
+        export_heads(model, tmp_path / "heads.onnx", tolerance=1e-3, verbose=False)
+
+
+def test_encoder_comparison_with_a_nan_is_nan(tiny_model):
+    from step_ros.deploy.backends import compare_to_torch
+    from step_ros.deploy.export import within
+
+    encoder = create_encoder("torch", _with_nan(tiny_model.backbone, "model.embeddings.cls_token"), device="cpu")
+    error = compare_to_torch(encoder, tiny_model.backbone)
+    assert np.isnan(error) and not within(error, 1.0)
+
+
+# --------------------------------------------------------------------------- supported versions
+
+
+def test_tensorrt_versions_outside_the_supported_range_are_refused():
+    from step_ros.deploy.tensorrt import TensorRTUnavailable, builder_flags, check_tensorrt_version, onnx_opset_for
+
+    assert check_tensorrt_version("10.3.0.30") == (10, 3) and check_tensorrt_version("8.6.2.3") == (8, 6)
+    with pytest.raises(TensorRTUnavailable, match="8.6 or newer.*JetPack 5"):
+        check_tensorrt_version("8.5.2.2")
+    with pytest.raises(TensorRTUnavailable, match="TensorRT 11 removed .*FP16"):
+        check_tensorrt_version("11.0.0")
+    assert onnx_opset_for("8.6.2") == 16 and onnx_opset_for("10.3.0") == 17
+    assert builder_flags("fp32") == () and builder_flags("fp16") == ("FP16", "TF32")  # fp32 without TF32
+
+
+def test_unsupported_library_combinations_are_named():
+    from step_ros.support import check_environment, problems
+
+    check_environment()  # this machine's pins are supported
+    assert problems((3, 10), "2.13.0+cpu", "5.23.0") == []
+    assert problems((3, 10), "2.3.0+nv24.05", "4.50.0") == []  # JetPack 6.0's torch with transformers 4
+    found = problems((3, 8), "2.1.0a0+41361538.nv23.06", "5.1.0")
+    assert len(found) == 3
+    assert "Python 3.8" in found[0] and "torch 2.1.0a0" in found[1] and "'transformers>=4.47,<5'" in found[2]
+
+
+def test_export_uses_the_torchscript_exporter_on_any_torch(tiny_model, tmp_path):
+    import inspect
+
+    has_dynamo = "dynamo" in inspect.signature(torch.onnx.export).parameters
+    result = export_backbone(tiny_model.backbone, tmp_path / "b.onnx", opset=16, verbose=False)
+    assert read_sidecar(result.path)["opset"] == 16 and result.max_abs_error[OUTPUT_NAME] < 1e-4
+    print(f"torch {torch.__version__}: torch.onnx.export has a dynamo argument: {has_dynamo}")
+
+
+def test_released_backbone_keeps_its_identity_and_refuses_to_encode(tiny_model):
+    backbone = copy.deepcopy(tiny_model.backbone)
+    fingerprint = backbone.fingerprint
+    backbone.release_weights()
+    assert backbone.fingerprint == fingerprint and backbone.num_patches == tiny_model.backbone.num_patches
+    assert all(p.device.type == "meta" for p in backbone.model.parameters())
+    with pytest.raises(RuntimeError, match="released"):
+        backbone.encode(random_frames(1))

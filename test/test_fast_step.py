@@ -87,28 +87,35 @@ def test_naive_reference_equals_step_forward():
                 torch.testing.assert_close(reference_step_logits(head, window[0]), head(window[:1])[0])
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to PyTorch on this machine)"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("qk_scale", [1.0, 5.0])
-def test_fast_equals_step_forward_over_a_stream_and_after_reset(qk_scale):
-    heads = make_heads(qk_scale=qk_scale)
+def test_fast_equals_step_forward_over_a_stream_and_after_reset(qk_scale, device):
+    heads = {k: h.to(device) for k, h in make_heads(qk_scale=qk_scale).items()}
     runner = FastStepRunner(heads)
     assert runner.fast_tasks == ["step0", "step1", "step2"]  # batched in one group
     assert len(runner.groups) == 1 and "attentive" in runner.slow_tasks
-    frames = torch.randn(3 * T + 2, 1 + N_TOK, D)
+    frames = torch.randn(3 * T + 2, 1 + N_TOK, D).to(device)
     assert stream(runner, heads, frames) == 2 * T + 3  # well past the cache's wrap point
     assert len(runner._order) == T  # frames leaving the window are evicted
     runner.reset()
-    assert stream(runner, heads, torch.randn(T + 2, 1 + N_TOK, D), first_id=1000) == 3
+    assert stream(runner, heads, torch.randn(T + 2, 1 + N_TOK, D).to(device), first_id=1000) == 3
     assert runner.fallbacks == 0 and runner.reference_predictions == 0
 
 
-def test_window_order_does_not_matter_to_the_cache():
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_order_does_not_matter_to_the_cache(device):
     """Blocks are keyed by frame, not position: a reversed or shuffled window is exact too."""
-    heads = make_heads(qk_scale=3.0)
+    heads = {k: h.to(device) for k, h in make_heads(qk_scale=3.0).items()}
     runner = FastStepRunner(heads)
-    frames = torch.randn(2 * T, 1 + N_TOK, D)
+    frames = torch.randn(2 * T, 1 + N_TOK, D).to(device)
     stream(runner, heads, frames, order=np.arange(T)[::-1])
     ids = np.arange(T, 2 * T)[np.random.RandomState(0).permutation(T)]
-    assert_same(runner.predict(frames[ids], ids), reference(heads, frames[ids]))
+    window = frames[torch.from_numpy(ids).to(device)]
+    assert_same(runner.predict(window, ids), reference(heads, window))
     assert runner.fallbacks == 0
 
 

@@ -17,20 +17,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, TINY_OVERRIDES
+from conftest import ROOT, synthetic_manifest
 from step_ros.data.annotations import carve_validation, load_annotations
-from step_ros.data.synthetic import ATOMIC_ACTIONS, FINE_ACTIONS, OBJECTS, SYMMETRIC_PAIRS, generate
+from step_ros.data.synthetic import FINE_ACTIONS, generate
 from step_ros.model.manifest import load_manifest
 from step_ros.model.multitask import backbone_from_manifest
 from step_ros.training.cache import CacheError, TokenCache, _to_storage, extract, migrate
 from step_ros.training.jobs import TokenOptions, evaluate_job, extract_job, select, train_job
 from step_ros.training.loader import GlobalBatchSampler, Split, StreamedTokens, TokensInRam, ViewDataset
-from step_ros.training.runtime import Runtime, RuntimeConfigError, resolve_device, resolve_precision
-from step_ros.training.train import TrainConfig, TrainResult, diagnose, label_indices, validate, validation_loader
+from step_ros.training.runtime import DeviceError, Runtime, RuntimeConfigError, resolve_device, resolve_precision
+from step_ros.training.train import TrainConfig, diagnose, label_indices, validate, validation_loader
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (none visible to PyTorch on this machine)")
@@ -43,19 +42,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("scale")
     csv = generate(root / "data", seed=4, videos_per_class={"train": 3, "val": 1, "test": 1}, unknown_per_class=1,
                    size=64, num_frames=13, progress=False)
-    manifest = {
-        "name": "tiny-scale",
-        "backbone": {"arch": "dinov2_vitt14", "random_seed": 0, "image_size": 42, "overrides": TINY_OVERRIDES},
-        "frames": 4,
-        "frame_interval": 2,
-        "heads": [
-            {"task": "fine_action", "labels": FINE_ACTIONS, "symmetric_pairs": [list(p) for p in SYMMETRIC_PAIRS]},
-            {"task": "atomic_action", "labels": ATOMIC_ACTIONS},
-            {"task": "object_in_use", "labels": OBJECTS},
-        ],
-    }
-    template = root / "template.yaml"
-    template.write_text(yaml.safe_dump(manifest))
+    template = synthetic_manifest(root / "template.yaml", "tiny-scale")
     return root, csv, template
 
 
@@ -391,12 +378,12 @@ def test_torchrun_extract_and_evaluate_match_one_process(data, tmp_path):
 def test_device_and_precision_errors_are_clear():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    with pytest.raises(RuntimeConfigError, match="auto, cpu, cuda or cuda:N"):
+    with pytest.raises(DeviceError, match="auto, cpu, cuda or cuda:N"):
         resolve_device("tpu")
     with pytest.raises(RuntimeConfigError, match="needs a CUDA device"):
         resolve_precision("fp16", torch.device("cpu"))
     if not CUDA:
-        with pytest.raises(RuntimeConfigError, match="no CUDA GPU is visible"):
+        with pytest.raises(DeviceError, match="no CUDA GPU is visible"):
             resolve_device("cuda")
         result = _cli("train", "--manifest", "x.yaml", "--data", "x.csv", "--out", "x", "--device", "cuda:0")
         assert result.returncode == 2 and "no CUDA GPU is visible" in result.stderr

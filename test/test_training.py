@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_OVERRIDES
-from step_ros.data.synthetic import ATOMIC_ACTIONS, FINE_ACTIONS, OBJECTS, SYMMETRIC_PAIRS, generate
+from conftest import synthetic_manifest
+from step_ros.data.synthetic import FINE_ACTIONS, generate
 from step_ros.model.manifest import load_manifest
 from step_ros.model.multitask import MultiTaskModel
 from step_ros.data.annotations import load_annotations
@@ -27,19 +27,7 @@ def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     csv = generate(root, seed=1, videos_per_class={"train": 2, "val": 0, "test": 1}, unknown_per_class=1,
                    size=64, num_frames=12, progress=False)
-    manifest = {
-        "name": "tiny-synthetic",
-        "backbone": {"arch": "dinov2_vitt14", "random_seed": 0, "image_size": 42, "overrides": TINY_OVERRIDES},
-        "frames": 4,
-        "frame_interval": 2,
-        "heads": [
-            {"task": "fine_action", "labels": FINE_ACTIONS, "symmetric_pairs": [list(p) for p in SYMMETRIC_PAIRS]},
-            {"task": "atomic_action", "labels": ATOMIC_ACTIONS},
-            {"task": "object_in_use", "labels": OBJECTS},
-        ],
-    }
-    template = root / "template.yaml"
-    template.write_text(yaml.safe_dump(manifest))
+    template = synthetic_manifest(root / "template.yaml", "tiny-synthetic")
     return root, csv, template
 
 

@@ -420,13 +420,13 @@ def _make_runner(runner: Any, model: Any) -> Any:
     return runner
 
 
-def _make_encode(encode: Any, model: Any) -> Callable | None:
+def _make_encode(encode: Any, model: Any, device: Any = None) -> Callable | None:
     if encode is None or callable(encode):
         return encode
     if isinstance(encode, str):
         from ..deploy.backends import create_encoder
 
-        return create_encoder(encode, model.backbone)
+        return create_encoder(encode, model.backbone, device=device)
     raise ValueError(f"encode must be a callable, an inference backend name or None, got {encode!r}")
 
 
@@ -452,6 +452,7 @@ def replay_eval(
     save_probs: bool = False,
     progress: bool = True,
     quiet: bool = False,
+    device: str | None = None,
 ) -> dict:
     """Replay ``bag_path`` through the node's pipeline for the model of ``manifest_path``; score it.
 
@@ -466,7 +467,8 @@ def replay_eval(
     default ``/ground_truth`` (missing -> a warning and no accuracy; an explicitly named topic
     that is missing is an error). ``use_log_time``: stamp frames with the bag's receive time
     instead of ``header.stamp`` (for cameras that leave stamps empty). ``save_probs``: keep every
-    prediction's full probability vectors in the report.
+    prediction's full probability vectors in the report.  ``device``: where heads and the torch
+    backbone run (``auto``, ``cpu``, ``cuda``, ``cuda:N``; default: where the model already is).
 
     Undecodable images are skipped and counted; a bag without any decodable image on the
     topic, a missing topic or a corrupt bag raise :class:`BagError`. With ``out_dir`` writes
@@ -505,10 +507,15 @@ def replay_eval(
     else:  # a prebuilt model: its own manifest (heads, labels) is what runs
         manifest = getattr(model, "manifest", None) or manifest
     model.eval()
+    if device is not None:
+        from ..model.device import resolve_device
+
+        device = resolve_device(device)
+        model.to(device)
     runner_obj = _make_runner(runner, model)
     engine_kwargs: dict[str, Any] = {} if max_gap_s is None else {"max_gap_s": max_gap_s}
     engine = StreamingEngine(model, stride=stride, min_frames=min_frames, top_k=top_k, runner=runner_obj,
-                             encode=_make_encode(encode, model), **engine_kwargs)
+                             encode=_make_encode(encode, model, device), **engine_kwargs)
     smoother = PredictionSmoother(manifest, alpha=alpha, threshold=threshold, stable_count=stable_count, top_k=top_k)
 
     records: list[_Record] = []
@@ -700,6 +707,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-time", action="store_true", help="use the bag's receive time, not header.stamp")
     parser.add_argument("--save-probs", action="store_true", help="keep every class probability in report.json")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N: where heads and the torch "
+                                                       "backbone run (default: cpu)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -708,6 +717,6 @@ def main(args: argparse.Namespace) -> int:
         threshold=args.threshold, stable_count=args.stable_count, max_gap_s=args.max_gap_s,
         min_frames=args.min_frames, runner=args.runner, encode=args.backend,
         ground_truth_topic=args.ground_truth_topic, use_log_time=args.log_time, save_probs=args.save_probs,
-        progress=not args.no_progress,
+        progress=not args.no_progress, device=args.device,
     )
     return 0 if report["num_predictions"] else 1

@@ -25,7 +25,6 @@ GPU, precision).  ``force_engine_update=True`` regenerates the backend's artefac
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -40,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..model.backbone import Backbone, preprocess_frames, state_fingerprint
+from ..model.backbone import Backbone, as_frames, preprocess_frames, state_fingerprint
 from .export import (
     DEFAULT_OPSET,
     EXPORT_FORMAT,
@@ -48,10 +47,13 @@ from .export import (
     OUTPUT_NAME,
     export_backbone,
     library_versions,
+    max_abs_error,
     quantize_int8,
     read_sidecar,
     sample_frames,
     sidecar_path,
+    within,
+    worst_error,
 )
 
 log = logging.getLogger(__name__)
@@ -91,17 +93,15 @@ class Preprocessor:
         self.std = backbone.std.detach().to(self.device)
 
     def __call__(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(frames)
-        if x.device != self.device:
-            x = x.to(self.device)
-        return preprocess_frames(x, self.image_size, self.mean, self.std)
+        return preprocess_frames(as_frames(frames, self.device), self.image_size, self.mean, self.std)
 
 
 # --------------------------------------------------------------------------- encoders
 
 
 class Encoder:
-    """Frame ``(H, W, 3)`` uint8 RGB -> tokens ``(1 + n, D)`` float32 CPU tensor."""
+    """Frame ``(H, W, 3)`` uint8 RGB -> tokens ``(1 + n, D)`` float32, on the backend's device
+    (a GPU backend's tokens stay on the GPU, where the heads can read them)."""
 
     name = "base"
 
@@ -120,11 +120,11 @@ class Encoder:
 
     @torch.inference_mode()
     def __call__(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
-        frame = torch.as_tensor(frame)
+        frame = as_frames(frame)
         if frame.ndim != 3:
             raise ValueError(f"an encoder takes one frame (H, W, 3), got shape {tuple(frame.shape)}")
         tokens = self.run(self.preprocess(frame[None]))
-        return tokens[0].to(device="cpu", dtype=torch.float32)
+        return tokens[0].float()  # on the backend's device: no round trip through the CPU
 
     def encode(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Frames (B, H, W, 3) -> tokens (B, 1 + n, D), one frame at a time (graphs have batch 1)."""
@@ -155,11 +155,10 @@ class TorchEncoder(Encoder):
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable("backend 'torch' on device 'cuda': torch.cuda.is_available() is False "
                                      f"(torch {torch.__version__}); use device='cpu' or a CUDA build of torch")
-        current = next(backbone.parameters()).device
-        same = current.type == device.type and (device.index is None or current.index == device.index)
-        # Never move the caller's module (the model and the node may share it): copy when needed.
-        module = backbone if same else copy.deepcopy(backbone).to(device)
-        module.eval()
+        # The backbone moves to the device itself, not a copy of it: a copy would keep the CPU
+        # weights alive beside the GPU ones, twice the memory on a Jetson, where CPU and GPU
+        # share one memory.  Whoever shares the model sees it there too.
+        module = backbone.to(device).eval()
         if threads and device.type == "cpu":
             torch.set_num_threads(threads)  # process-wide in PyTorch
         super().__init__(backbone, Preprocessor(module, next(module.parameters()).device), "fp32")
@@ -357,7 +356,7 @@ def create_encoder(
     threads: int | None = None,
     precision: str | None = None,
     force_engine_update: bool = False,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     fingerprint: str | None = None,
     check_tolerance: float | None = None,
 ) -> Encoder:
@@ -371,7 +370,9 @@ def create_encoder(
     ``fp16`` / ``fp32`` for tensorrt (default fp16) and ONNX Runtime's TensorRT provider
     (default fp32).  ``force_engine_update``: re-export the ONNX graph and rebuild the
     TensorRT engine even if cached.  ``fingerprint``: the backbone weights fingerprint if
-    already known (saves hashing the weights).  ``check_tolerance`` (tensorrt): after building
+    already known (saves hashing the weights).  ``opset``: of the exported graph (default 17;
+    16 for TensorRT 8.6, whose parser lacks LayerNormalization).  ``check_tolerance``
+    (tensorrt): after building
     an engine its tokens are compared to torch on sample frames; raise if the max abs error
     exceeds this (default: only log it).
     """
@@ -397,8 +398,8 @@ def create_encoder(
             raise ValueError(f"backend 'onnxruntime': precision must be fp32 or fp16, got {precision!r}")
         if fingerprint is None:
             fingerprint = state_fingerprint(backbone)
-        path, exported = exported_backbone(backbone, cache_dir, opset=opset, int8=int8, force=force_engine_update,
-                                           fingerprint=fingerprint)
+        path, exported = exported_backbone(backbone, cache_dir, opset=opset or DEFAULT_OPSET, int8=int8,
+                                           force=force_engine_update, fingerprint=fingerprint)
         trt_cache = path.parent / "ort_tensorrt"
         if force_engine_update and trt_cache.exists():
             shutil.rmtree(trt_cache)
@@ -410,19 +411,19 @@ def create_encoder(
                                   exported=exported, name=name)
 
     # tensorrt
-    from .tensorrt import PRECISIONS, TensorRTUnavailable, ensure_engine, import_tensorrt, require_cuda
+    from .tensorrt import PRECISIONS, TensorRTUnavailable, ensure_engine, import_tensorrt, onnx_opset_for, require_cuda
 
     if precision not in PRECISIONS:
         raise ValueError(f"backend 'tensorrt': precision must be one of {PRECISIONS}, got {precision!r}")
     try:
-        import_tensorrt()
+        trt = import_tensorrt()
         dev = require_cuda(device)
     except TensorRTUnavailable as exc:
         raise BackendUnavailable(f"backend 'tensorrt': {exc}") from None
     if fingerprint is None:
         fingerprint = state_fingerprint(backbone)
-    onnx_path, exported = exported_backbone(backbone, cache_dir, opset=opset, force=force_engine_update,
-                                            fingerprint=fingerprint)
+    onnx_path, exported = exported_backbone(backbone, cache_dir, opset=opset or onnx_opset_for(trt.__version__),
+                                            force=force_engine_update, fingerprint=fingerprint)
     engine_path, built = ensure_engine(onnx_path, precision=precision, device=dev,
                                        force_engine_update=force_engine_update)
     encoder = TensorRTEncoder(backbone, engine_path, device=dev, precision=precision, built=built,
@@ -431,7 +432,7 @@ def create_encoder(
         error = compare_to_torch(encoder, backbone)
         encoder.info["max_abs_error_vs_torch"] = error
         log.warning("TensorRT %s engine vs torch fp32 on sample frames: max abs error %.3g", precision, error)
-        if check_tolerance is not None and not error <= check_tolerance:
+        if check_tolerance is not None and not within(error, check_tolerance):
             raise RuntimeError(f"{engine_path}: tokens differ from torch by {error:.3g} "
                                f"(tolerance {check_tolerance})")
     return encoder
@@ -442,13 +443,10 @@ def create_encoder(
 
 @torch.inference_mode()
 def compare_to_torch(encoder: Encoder, backbone: Backbone, frames: np.ndarray | None = None) -> float:
-    """Max abs difference between ``encoder`` and the torch backbone's tokens on ``frames``."""
+    """Max abs difference between ``encoder`` and the torch backbone's tokens on ``frames``;
+    NaN if either produced a non-finite value (no tolerance passes it)."""
     frames = sample_frames(2) if frames is None else frames
-    worst = 0.0
-    for frame in frames:
-        ref = backbone.encode(frame[None])[0].float().cpu()
-        worst = max(worst, float((encoder(frame) - ref).abs().max()))
-    return worst
+    return worst_error(max_abs_error(encoder(frame), backbone.encode(frame[None])[0]) for frame in frames)
 
 
 def time_encoder(encoder: Callable[[np.ndarray], torch.Tensor], frames: np.ndarray | None = None,

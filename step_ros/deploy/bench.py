@@ -10,9 +10,11 @@ the int8 row against the int8 GEMM; :mod:`step_ros.deploy.peak` says why):
 3. one head vs three heads on the shared window (streaming): what the second and third head add;
    and, clearly named, the approximate ``token_pool`` heads (``--token-pool``, default 2);
 4. the heads alone: naive reference vs fused SDPA vs the exact fast runner, 1 and 3 heads;
-5. optionally (``--node``, or ``--node-only`` to skip rows 1-4) the live node over DDS: stamp ->
+5. optionally (``--node``, or ``--node-only`` to skip rows 1-4 and 6) the live node over DDS: stamp ->
    /human_action latency, sustained rate, drops, postponed predictions and memory (a short
-   soak; ``step-ros soak`` runs the long one); ``--node-token-pool`` gives its heads pooling.
+   soak; ``step-ros soak`` runs the long one); ``--node-token-pool`` gives its heads pooling;
+6. on a CUDA GPU (skipped with the reason elsewhere): backbone fp32 / bf16 / TensorRT, streaming
+   with three exact fast heads on the GPU, the heads alone (``bench_cuda.py``).
 
 Writes ``bench.json`` and ``bench_latency.png`` into ``--out`` and prints a table.  The default
 is the deployment configuration of the issue: DINOv2 ViT-S/14 at 224, T = 16, frame interval 2,
@@ -83,6 +85,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     from ..model.heads import create_head
     from .backends import create_encoder
     from .bench_heads import bench_heads
+    from .export import max_abs_error, worst_error
 
     if args.node_token_pool != 1 and not args.node_only:
         raise ValueError("--node-token-pool needs --node-only (the other rows time the exact heads)")
@@ -114,7 +117,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         for name, enc in encoders.items():
             it = iter(range(10**9))
             times = time_ms(lambda: enc(frames[next(it) % len(frames)]), args.repeat)
-            err = max(float((enc(f) - r).abs().max()) for f, r in zip(frames, reference_tokens))
+            err = worst_error(max_abs_error(enc(f), r) for f, r in zip(frames, reference_tokens))
             row = _row(f"backbone {name} (1 frame)", times, bb_flops, peaks["int8" if "int8" in name else "fp32"],
                        base, max_abs_err_vs_torch=err)
             base = base or row
@@ -182,6 +185,12 @@ def run_bench(args: argparse.Namespace) -> dict:
                          "baseline": f"naive head x{r['heads']}", "ratio_to_baseline": r["ratio_to_naive"],
                          "gflop": r["gflop"], "frac_peak": r["frac_peak"],
                          **({"memory_mb": r["memory_mb"]} if "memory_mb" in r else {})})
+
+    # 6. the GPU (skipped with the reason on machines without one) --------------------------
+    if not args.node_only:
+        from .bench_cuda import cuda_rows
+
+        rows += cuda_rows(model, video, t, k, args.repeat, args.cache)
 
     # 5. the live node ----------------------------------------------------------------------
     node = None

@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+from step_ros.deploy.export import max_abs_error, worst_error
 from step_ros.deploy.peak import describe_peaks, measure_gemm_peaks
 from step_ros.model.fast_step import FastStepRunner, reference_step_logits
 from step_ros.model.heads import StepHead
@@ -102,7 +103,7 @@ def bench_heads(
                     return runners[c].predict(window, ids)
 
                 out = timed(("fast", c), fast)
-                diffs[c] = max(diffs[c], max(float((out[t] - ref[t]).abs().max()) for t in hs))
+                diffs[c] = worst_error([diffs[c], *(max_abs_error(out[t], ref[t]) for t in hs)])
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = [{"name": "fp32 GEMM peak (2048^3)", "method": "peak", "heads": 0, "gflop_s": peak, "peaks": peaks,

@@ -27,8 +27,10 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import inspect
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -201,6 +203,9 @@ def _torch_export(module: nn.Module, args: tuple, path: Path, input_names: list[
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # The TorchScript exporter: ``dynamo=False`` selects it where the argument exists
+        # (torch >= 2.5, where dynamo became an option); older torch has only this exporter.
+        legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
         torch.onnx.export(
             module,
             args,
@@ -209,7 +214,7 @@ def _torch_export(module: nn.Module, args: tuple, path: Path, input_names: list[
             output_names=output_names,
             opset_version=opset,
             do_constant_folding=True,
-            dynamo=False,
+            **legacy,
         )
 
 
@@ -238,17 +243,44 @@ def _io_spec(session) -> tuple[list[dict], list[dict]]:
     return spec(session.get_inputs()), spec(session.get_outputs())
 
 
+def max_abs_error(out: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> float:
+    """Largest ``|out - ref|``, or NaN when either side holds a NaN or an infinity.
+
+    Why NaN and not a number: every parity check is written ``error <= tolerance``, which a
+    NaN fails, and a NaN must never read as "exact" (an fp16 engine overflowing to inf does).
+    """
+    a = np.asarray(out.detach().float().cpu() if isinstance(out, torch.Tensor) else out, dtype=np.float64)
+    b = np.asarray(ref.detach().float().cpu() if isinstance(ref, torch.Tensor) else ref, dtype=np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return math.nan
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def worst_error(errors) -> float:
+    """The largest of several errors, NaN if any is NaN (Python's ``max(0.0, nan)`` is 0.0)."""
+    worst = 0.0
+    for e in errors:
+        if math.isnan(e):
+            return math.nan
+        worst = max(worst, e)
+    return worst
+
+
+def within(error: float, tolerance: float) -> bool:
+    """A parity check: False for NaN (non-finite output) as for a large error."""
+    return error <= tolerance
+
+
 def _max_errors(session, feeds: list[dict[str, np.ndarray]], refs: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    errors: dict[str, float] = {}
+    per_output: dict[str, list[float]] = {}
     names = [o.name for o in session.get_outputs()]
     for feed, ref in zip(feeds, refs):
         outs = session.run(names, feed)
         for name, out in zip(names, outs):
             if out.shape != ref[name].shape:
                 raise ExportError(f"ONNX output {name!r} has shape {out.shape}, PyTorch gives {ref[name].shape}")
-            err = float(np.max(np.abs(out.astype(np.float64) - ref[name].astype(np.float64))))
-            errors[name] = max(errors.get(name, 0.0), err)
-    return errors
+            per_output.setdefault(name, []).append(max_abs_error(out, ref[name]))
+    return {name: worst_error(errs) for name, errs in per_output.items()}
 
 
 def _finish(path: Path, meta: dict[str, Any], errors: dict[str, float], seconds: float, tolerance: float | None,
@@ -259,11 +291,12 @@ def _finish(path: Path, meta: dict[str, Any], errors: dict[str, float], seconds:
     meta["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     side = sidecar_path(path)
     _write_json_atomic(side, meta)
-    msg = ", ".join(f"{k}: {v:.3g}" for k, v in errors.items()) or "not checked (no onnxruntime)"
+    msg = ", ".join(f"{k}: {v:.3g}" + (" (non-finite values)" if math.isnan(v) else "")
+                    for k, v in errors.items()) or "not checked (no onnxruntime)"
     if verbose:
         print(f"[export] {path.name}: max abs error vs PyTorch ({meta['check']['inputs']} inputs) {msg}")
     log.info("exported %s in %.1f s; max abs error vs PyTorch %s", path, seconds, msg)
-    if tolerance is not None and any(not np.isfinite(e) or e > tolerance for e in errors.values()):
+    if tolerance is not None and not all(within(e, tolerance) for e in errors.values()):
         raise ExportError(f"{path}: ONNX Runtime differs from PyTorch by {msg} (tolerance {tolerance})")
     return ExportResult(path, side, errors, seconds, meta)
 
@@ -374,7 +407,12 @@ def export_heads(
     backbone: Backbone = model.backbone
     manifest = model.manifest
     t, n, d = manifest.frames, backbone.num_patches, backbone.dim
-    graph = HeadsGraph(model.heads).eval().cpu()
+    heads = model.heads
+    if any(p.device.type != "cpu" for p in heads.parameters()):  # export on the CPU; never move the caller's heads
+        import copy
+
+        heads = copy.deepcopy(heads).cpu()
+    graph = HeadsGraph(heads).eval()
     output_names = [LOGITS_PREFIX + task for task in graph.tasks]
     if windows is None:
         with torch.inference_mode():
@@ -536,9 +574,12 @@ __all__ = [
     "export_backbone",
     "export_heads",
     "library_versions",
+    "max_abs_error",
     "onnx_sha256",
     "quantize_int8",
     "read_sidecar",
     "sample_frames",
     "sidecar_path",
+    "within",
+    "worst_error",
 ]

@@ -13,7 +13,13 @@ sidecar (``<engine>.json``) records those fields in the clear.
 
 Execution uses the TensorRT 10 name-based API (``set_tensor_address`` +
 ``execute_async_v3``) with device memory owned by PyTorch CUDA tensors (no pycuda), on a
-dedicated CUDA stream.  TensorRT >= 8.6 exposes the same calls; the code targets 10.x.
+dedicated CUDA stream.  Supported: TensorRT 8.6 (JetPack 6.0) to 10.x (JetPack 6.1/6.2, x86);
+anything else is refused when ``tensorrt`` is imported, with the reason (docs/DEPLOY.md, support
+matrix).  TensorRT 8.6 gets an opset-16 graph (its parser has no single-op LayerNormalization).
+
+"fp32" means fp32: TensorRT enables TF32 for fp32 layers by default on Ampere (Orin) and newer,
+which rounds matmul inputs to 10 mantissa bits; fp32 engines clear that flag.  fp16 engines keep
+it for the layers that stay in fp32.  The flags are part of the engine key.
 
 ``tensorrt`` is imported lazily: the module imports everywhere, and using it without the
 package raises :class:`TensorRTUnavailable` naming the ``tensorrt`` extra.
@@ -35,7 +41,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ENGINE_FORMAT = "step_ros.trt/1"
+ENGINE_FORMAT = "step_ros.trt/2"  # 2: SM count and builder flags in the key
+#: TensorRT versions whose Python API and ONNX parser this module is written for: [8.6, 11).
+SUPPORTED_TENSORRT = ((8, 6), (11, 0))
 PRECISIONS = ("fp16", "fp32")
 DEFAULT_WORKSPACE = 1 << 30  # 1 GiB of builder scratch memory
 
@@ -56,13 +64,44 @@ class TensorRTError(RuntimeError):
     """An engine could not be built, loaded or run."""
 
 
+def check_tensorrt_version(version: str) -> tuple[int, int]:
+    """(major, minor) of a supported TensorRT, or :class:`TensorRTUnavailable` saying why not."""
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        raise TensorRTUnavailable(f"cannot read the TensorRT version {version!r}") from None
+    low, high = SUPPORTED_TENSORRT
+    if (major, minor) < low:
+        raise TensorRTUnavailable(
+            f"TensorRT {version} is too old: step_ros needs TensorRT 8.6 or newer (JetPack 6.0 or later; "
+            "JetPack 5's TensorRT 8.5 cannot parse the exported graph, and JetPack 5's Python 3.8 is below "
+            "step_ros's 3.10)")
+    if (major, minor) >= high:
+        raise TensorRTUnavailable(
+            f"TensorRT {version} is not supported yet: TensorRT 11 removed the builder's FP16 flag (weak typing) "
+            "that fp16 engines are built with. Install TensorRT 10 (pip install 'tensorrt>=10,<11'), or use "
+            "backend:=onnxruntime")
+    return major, minor
+
+
 def import_tensorrt():
-    """``import tensorrt`` with an actionable error."""
+    """``import tensorrt`` with an actionable error, refusing versions outside the supported range."""
     try:
         import tensorrt as trt  # noqa: PLC0415 - lazy on purpose
     except ImportError as exc:
         raise TensorRTUnavailable(f"cannot import tensorrt ({exc}): {INSTALL_HINT}") from None
+    check_tensorrt_version(trt.__version__)
     return trt
+
+
+def onnx_opset_for(tensorrt_version: str) -> int:
+    """The ONNX opset to export for a TensorRT: 16 below TensorRT 10.
+
+    TensorRT 8.6's ONNX parser rejects the single-op LayerNormalization of opset 17 (reported on
+    JetPack 6.0's 8.6.2, NVIDIA/TensorRT#3657); opset 16 spells it with primitive ops.
+    """
+    major, _ = check_tensorrt_version(tensorrt_version)
+    return 16 if major < 10 else 17
 
 
 _LOGGER = None
@@ -105,7 +144,9 @@ class EngineKey:
     tensorrt_version: str
     gpu_name: str
     compute_capability: str  # "8.7"
+    sm_count: int  # Orin modules share name and compute capability, not their SM count
     precision: str
+    build_flags: tuple[str, ...]  # builder flags set, e.g. ("FP16", "TF32")
     workspace_bytes: int
 
     def digest(self) -> str:
@@ -132,9 +173,16 @@ def engine_key(onnx_path: str | Path, precision: str = "fp16", device: torch.dev
         tensorrt_version=trt.__version__,
         gpu_name=torch.cuda.get_device_name(dev),
         compute_capability=f"{major}.{minor}",
+        sm_count=int(torch.cuda.get_device_properties(dev).multi_processor_count),
         precision=precision,
+        build_flags=builder_flags(precision),
         workspace_bytes=int(workspace_bytes),
     )
+
+
+def builder_flags(precision: str) -> tuple[str, ...]:
+    """The BuilderFlags an engine of ``precision`` is built with (TF32 cleared for fp32: exact fp32)."""
+    return ("FP16", "TF32") if precision == "fp16" else ()
 
 
 def engine_path_for(onnx_path: str | Path, key: EngineKey, cache_dir: str | Path | None = None) -> Path:
@@ -169,14 +217,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, key: EngineKey)
         raise TensorRTError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, key.workspace_bytes)
-    if key.precision == "fp16":
-        if not hasattr(trt.BuilderFlag, "FP16"):
-            raise TensorRTError(
-                f"TensorRT {trt.__version__} has no BuilderFlag.FP16 (weak typing was removed in "
-                "TensorRT 11): build with precision='fp32', or convert the graph to fp16 first "
-                "(step_ros.deploy.export.convert_fp16) and build that with precision='fp32'"
-            )
-        config.set_flag(trt.BuilderFlag.FP16)
+    for name in ("FP16", "TF32"):  # exactly the key's flags: TF32 is on by default, cleared for fp32
+        if name in key.build_flags:
+            config.set_flag(getattr(trt.BuilderFlag, name))
+        else:
+            config.clear_flag(getattr(trt.BuilderFlag, name))
     log.warning(
         "building TensorRT %s engine for %s on %s (sm %s); this runs once and can take minutes",
         key.precision, onnx_path.name, key.gpu_name, key.compute_capability,
@@ -354,10 +399,14 @@ __all__ = [
     "TensorRTError",
     "TensorRTRunner",
     "TensorRTUnavailable",
+    "SUPPORTED_TENSORRT",
     "build_engine",
+    "builder_flags",
+    "check_tensorrt_version",
     "engine_key",
     "engine_path_for",
     "ensure_engine",
     "import_tensorrt",
+    "onnx_opset_for",
     "require_cuda",
 ]

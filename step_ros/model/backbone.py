@@ -317,6 +317,16 @@ def state_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def as_frames(frames: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Frames as a tensor on ``device`` (default: where they are; NumPy arrays are on the CPU).
+
+    Not ``torch.as_tensor``: that puts NumPy data on the *default* device, which need not be
+    where the model is.
+    """
+    x = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frames))
+    return x if device is None or x.device == torch.device(device) else x.to(device)
+
+
 def preprocess_frames(
     frames: torch.Tensor, image_size: int, mean: torch.Tensor | None = None, std: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -327,7 +337,7 @@ def preprocess_frames(
     backends and the extraction workers (which decode and preprocess ahead) all call it, on
     whatever device ``frames`` live on.
     """
-    x = torch.as_tensor(frames)
+    x = as_frames(frames)
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
@@ -365,6 +375,7 @@ class Backbone(nn.Module):
         self.image_size = image_size
         self.source = source
         self.num_patches = (image_size // arch.patch_size) ** 2
+        self.released = False
         self._resize_position_embeddings()
         for p in self.parameters():
             p.requires_grad_(False)
@@ -399,20 +410,28 @@ class Backbone(nn.Module):
         """DINOv2 eval transform of uint8 RGB frames (B, H, W, 3), on the backbone's device.
 
         Frames travel to the device as uint8, the smallest form of them."""
-        x = torch.as_tensor(frames)
-        if x.device != self.mean.device:
-            x = x.to(self.mean.device)
-        return preprocess_frames(x, self.image_size, self.mean, self.std)
+        return preprocess_frames(as_frames(frames, self.mean.device), self.image_size, self.mean, self.std)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         hidden = self.model(pixel_values=pixels).last_hidden_state
         # drop register tokens: CLS, [registers], patches
         return torch.cat([hidden[:, :1], hidden[:, 1 + self.arch.registers :]], dim=1)
 
+    def release_weights(self) -> None:
+        """Free the weights once another backend (ONNX Runtime, TensorRT) holds its own copy.
+
+        The fingerprint, sizes and preprocessing constants stay; ``encode`` afterwards is an error.
+        """
+        _ = self.fingerprint  # computed while the weights exist
+        self.model.to("meta")
+        self.released = True
+
     @torch.inference_mode()
     def encode(self, frames: np.ndarray | torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """Raw uint8 RGB frames (B, H, W, 3) -> tokens (B, 1 + n, D), on the backbone's device."""
-        frames = torch.as_tensor(frames)
+        if self.released:
+            raise RuntimeError("this backbone's weights were released (an ONNX Runtime / TensorRT backend runs it)")
+        frames = as_frames(frames)
         if frames.ndim == 3:
             frames = frames[None]
         parts = [self(self.preprocess(frames[i : i + batch_size])) for i in range(0, len(frames), batch_size)]
@@ -432,6 +451,9 @@ def build_backbone(
     Exactly one of ``weights`` / ``random_seed`` must be given: random weights are never a
     silent fallback for a missing file.
     """
+    from ..support import check_environment
+
+    check_environment()  # every model starts here: an unsupported torch fails now, in one line
     spec = arch if isinstance(arch, BackboneArch) else resolve_arch(arch, overrides)
     if image_size % spec.patch_size:
         raise BackboneError(f"backbone.image_size {image_size} must be a multiple of the patch size {spec.patch_size}")
@@ -463,6 +485,7 @@ def build_backbone(
 
 __all__ = [
     "ARCHS",
+    "as_frames",
     "Backbone",
     "BackboneArch",
     "BackboneError",

@@ -179,11 +179,12 @@ class _StepGroup:
         K, H, T, D, d = self.K, self.H, self.T, self.D, self.d
         scale = 1.0 / math.sqrt(d)
         self.W = torch.stack([h.attn.qkv.weight.detach().float() for h in self.heads])  # (K, 3D, D)
+        self.device = self.W.device  # every cache and index lives with the heads' weights
         bias = torch.stack([h.attn.qkv.bias.detach().float() for h in self.heads])  # (K, 3D)
         pes = []
         for h in self.heads:
             pe = h.positional()
-            pes.append(torch.zeros(T, D) if pe is None else pe.detach().float().reshape(T, D))
+            pes.append(torch.zeros(T, D, device=self.device) if pe is None else pe.detach().float().reshape(T, D))
         pe = torch.stack(pes)  # (K, T, D)
         pos = torch.baddbmm(bias[:, None], pe, self.W.transpose(1, 2))  # (K, T, 3D): t_P W^T + b
         pos = pos.reshape(K, T, 3, H, d).permute(2, 0, 3, 1, 4)  # (3, K, H, T, d)
@@ -229,7 +230,7 @@ class _StepGroup:
     def allocate(self, n: int) -> None:
         self.n = n
         for name, shape in self.cache_shapes(n).items():
-            setattr(self, name, torch.empty(shape, dtype=torch.float32))
+            setattr(self, name, torch.empty(shape, dtype=torch.float32, device=self.device))
 
     def memory_bytes(self, n: int | None = None) -> int:
         n = n or self.n
@@ -251,7 +252,7 @@ class _StepGroup:
             self.allocate(n)
         g = len(filled)
         full = g == T
-        idx: Any = slice(None) if full else torch.tensor(filled, dtype=torch.long)
+        idx: Any = slice(None) if full else torch.tensor(filled, dtype=torch.long, device=self.device)
         qkv = torch.matmul(patches, self.W.transpose(1, 2))  # (K, n, 3D), no bias (content only)
         qkv = qkv.reshape(K, n, 3, H, d).permute(2, 0, 3, 1, 4)  # (3, K, H, n, d)
         a = qkv[0] * (1.0 / math.sqrt(d))
@@ -277,7 +278,8 @@ class _StepGroup:
         for f0 in range(0, g, self.tile):
             f1 = min(g, f0 + self.tile)
             t = f1 - f0
-            fs: Any = slice(filled[f0], filled[f0] + t) if full else torch.tensor(filled[f0:f1], dtype=torch.long)
+            fs: Any = (slice(filled[f0], filled[f0] + t) if full
+                       else torch.tensor(filled[f0:f1], dtype=torch.long, device=self.device))
             sc = self._dense(self.scratch, (t, n, n))
             flat = sc.view(t * n, n)
             for k in range(K):
@@ -324,7 +326,7 @@ class _StepGroup:
         (a block whose ``rho`` exceeds :data:`RANGE_LIMIT`, or a non-finite result).
         """
         K, H, T, n = self.K, self.H, self.T, self.n
-        ar = torch.arange(T)
+        ar = torch.arange(T, device=self.device)
         if bool((self.rho[:, :, pos, ar] > RANGE_LIMIT).any()):
             return None
         # per (G, F) block quantities at the current positions (G: query slot, F: key slot)
@@ -445,8 +447,8 @@ class FastStepRunner:
         self._slot_of[frame_id] = slot
         self._order.append(frame_id)
         filled = sorted(self._slot_of.values())
-        patches = tokens[1:].detach().to(torch.float32)
         for g in self.groups:
+            patches = tokens[1:].detach().to(device=g.device, dtype=torch.float32)
             g.add_frame(slot, filled, pool_patch_grid(patches, g.pool))
 
     @torch.inference_mode()
@@ -459,11 +461,11 @@ class FastStepRunner:
         complete = len(ids) == self.frames == window.shape[0] and len(set(ids)) == len(ids)
         if self.groups and complete:
             self._sync(ids, window)
-            pos = torch.empty(self.frames, dtype=torch.long)
+            slots = np.empty(self.frames, dtype=np.int64)
             for p, fid in enumerate(ids):
-                pos[self._slot_of[fid]] = p
+                slots[self._slot_of[fid]] = p
             for g in self.groups:
-                res = g.predict(pos)
+                res = g.predict(torch.from_numpy(slots).to(g.device))
                 if res is None:
                     self.fallbacks += 1
                     self.fallback_reasons["numerics"] += 1

@@ -28,12 +28,22 @@ RESET_BACKWARDS = "backwards"
 RESET_RESIZE = "resize"
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's heads (else its first parameter) live."""
+    for module in (getattr(model, "heads", None), model):
+        if module is not None:
+            for p in module.parameters():
+                return p.device
+    return torch.device("cpu")
+
+
 class StreamingWindow:
     """Fixed-size ring buffer of per-frame tokens (no per-frame allocation)."""
 
-    def __init__(self, frames: int, token_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, frames: int, token_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
         self.frames = frames
-        self.buffer = torch.zeros((frames, *token_shape), dtype=dtype)
+        self.buffer = torch.zeros((frames, *token_shape), dtype=dtype, device=device)
         self.stamps = np.zeros(frames, dtype=np.float64)
         self.slot_ids = np.full(frames, -1, dtype=np.int64)
         self.count = 0  # frames pushed since the last reset
@@ -73,7 +83,7 @@ class StreamingWindow:
         order = self.order()
         if pad_to_full and len(order) < self.frames:
             order = np.concatenate([np.full(self.frames - len(order), order[0]), order])
-        return self.buffer[torch.from_numpy(order)]
+        return self.buffer[torch.from_numpy(order).to(self.buffer.device)]
 
     def frame_ids(self) -> np.ndarray:
         return self.slot_ids[self.order()]
@@ -186,7 +196,8 @@ class StreamingEngine:
         self.runner = runner or ReferenceRunner(model)
         self.encode = encode or (lambda frame: model.backbone.encode(frame)[0])
         shape = (model.backbone.num_patches + 1, model.backbone.dim)
-        self.window = StreamingWindow(manifest.frames, shape)
+        # The window lives with the heads: tokens cross to their device once, when pushed.
+        self.window = StreamingWindow(manifest.frames, shape, device=model_device(model))
         self.stats = EngineStats()
         self._image_size: tuple[int, int] | None = None
         self._last_stamp: float | None = None  # previous sampled frame
@@ -330,5 +341,6 @@ __all__ = [
     "StreamingEngine",
     "StreamingWindow",
     "TaskResult",
+    "model_device",
     "task_result",
 ]

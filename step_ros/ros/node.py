@@ -169,7 +169,8 @@ _PARAMETERS: list[tuple[str, Any, str, dict[str, Any]]] = [
                      "(share/step_ros/models/demo/manifest.yaml, else the source checkout's)", {}),
     ("weights", "", "backbone weights path overriding the manifest's backbone.weights ('' = the manifest's)", {}),
     ("backend", "torch", "backbone inference backend: torch | onnxruntime | onnxruntime-int8 | tensorrt", {}),
-    ("device", "auto", "device of the backbone: auto (cuda if available) | cpu | cuda | cuda:N", {}),
+    ("device", "auto", "device of the heads and of the torch/TensorRT backbone: auto (cuda if available) | cpu | "
+                       "cuda | cuda:N; tokens stay on it until the final probabilities", {}),
     ("engine_cache_dir", "", "where exported ONNX graphs and TensorRT engines are cached ('' = "
                              "$STEP_ROS_CACHE_DIR or ~/.cache/step_ros); engines are keyed by ONNX hash, "
                              "TensorRT version, GPU and precision", {}),
@@ -322,8 +323,14 @@ class HumanActionNode(Node):
         model = MultiTaskModel.from_manifest(manifest).eval()
         self.manifest = manifest
         self.model = model
+        self.heads_device = self._heads_device()
+        model.heads.to(self.heads_device)
 
         encode, self.backend_name, self.backend_info = self._make_encoder(model)
+        if p["backend"] != "torch":
+            # The graph backends have their own copy of the weights: drop PyTorch's (on a Jetson,
+            # CPU and GPU share one memory, and a ViT-B would otherwise be held twice).
+            model.backbone.release_weights()
         runner: Any = None
         self.runner_name = "reference"
         if p["head_runner"] == "fast":
@@ -345,6 +352,14 @@ class HumanActionNode(Node):
                                            stable_count=p["stable_count"], top_k=p["top_k"])
         self.get_logger().info(f"model loaded in {time.perf_counter() - started:.1f} s; backbone: "
                                f"{model.backbone.source}")
+
+    def _heads_device(self) -> Any:
+        from step_ros.model.device import DeviceError, resolve_device
+
+        try:
+            return resolve_device(self.p["device"] or "auto")
+        except DeviceError as exc:
+            raise ConfigError(f"parameter device: {exc}") from None
 
     def _make_encoder(self, model: Any) -> tuple[Callable[[Any], Any] | None, str, str]:
         p = self.p
@@ -606,6 +621,7 @@ class HumanActionNode(Node):
             ("backbone", str(self.model.backbone.source)),
             ("backend", f"{self.backend_name}{' (' + self.backend_info + ')' if self.backend_info else ''}"),
             ("head runner", self.runner_name),
+            ("heads device", str(self.heads_device)),
             ("frame interval", str(self.engine.frame_interval)),
             ("frames per window", str(self.manifest.frames)),
             ("image conversion", conversions.converter_name()),

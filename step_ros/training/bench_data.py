@@ -175,8 +175,8 @@ def run_data_bench(args: argparse.Namespace) -> dict:
     tr = extractions["float16, torchrun 2 processes x 1 thread"]
     rows.append({"group": "extraction", "name": "1 process x 2 threads", "value": video_frames / e16["seconds"],
                  "unit": "frames/s", "baseline": "1 process x 2 threads", "ratio": 1.0})
-    rows.append({"group": "extraction", "name": "torchrun 2 processes x 1 thread", "value": video_frames / tr["seconds"],
-                 "unit": "frames/s", "baseline": "1 process x 2 threads", "ratio": e16["seconds"] / tr["seconds"]})
+    rows.append({"group": "extraction", "name": "torchrun 2 processes x 1 thread",
+                 "value": video_frames / tr["seconds"], "unit": "frames/s", "baseline": "1 process x 2 threads", "ratio": e16["seconds"] / tr["seconds"]})
     rows.append({"group": "extraction", "name": "frame stride 2, 1 process x 2 threads",
                  "value": video_frames / extractions["float16, frame stride 2, 1 process x 2 threads"]["seconds"],
                  "unit": "video frames/s", "baseline": "1 process x 2 threads",
@@ -208,8 +208,8 @@ def run_data_bench(args: argparse.Namespace) -> dict:
                          "value": r["peak_pss_mib"], "unit": "MiB", "baseline": f"{path_name}, {n_small} videos",
                          "ratio": r["peak_pss_mib"] / train_runs[("step", "small", path_name)]["peak_pss_mib"],
                          "peak_rss_main_mib": r["peak_rss_main_mib"]})
-    rows.append({"group": "train peak memory (PSS, process tree)", "name": f"streamed against old path, {n_large} videos",
-                 "value": train_runs[("step", "large", new)]["peak_pss_mib"], "unit": "MiB",
+    rows.append({"group": "train peak memory (PSS, process tree)",
+                 "name": f"streamed against old path, {n_large} videos", "value": train_runs[("step", "large", new)]["peak_pss_mib"], "unit": "MiB",
                  "baseline": f"{old}, {n_large} videos",
                  "ratio": train_runs[("step", "large", new)]["peak_pss_mib"]
                  / train_runs[("step", "large", old)]["peak_pss_mib"]})

@@ -126,8 +126,8 @@ def _train(
     if runtime.is_main:
         where = f"{len(val_ds)} validation" if val_ds is not None else "no validation"
         how = "streamed from" if tokens.load == "stream" else "loaded into RAM from"
-        console.print(f"training {len(manifest.heads)} head(s) on {len(train_ds)} samples, {where} ({runtime.describe()}; "
-                      f"tokens {how} {cache.root})")
+        console.print(f"training {len(manifest.heads)} head(s) on {len(train_ds)} samples, {where} "
+                      f"({runtime.describe()}; tokens {how} {cache.root})")
     result = train_heads(manifest, backbone.dim, backbone.num_patches, train, config, runtime=runtime, val=val,
                          state_path=state_path, resume=resume, progress=runtime.is_main)
     manifest = copy.deepcopy(manifest)

@@ -185,6 +185,20 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int, float]]]):
                 yield [(self.epoch, int(batch[0]), 0.0)]
 
 
+def collate(batch: list[tuple]) -> tuple:
+    """Stack a batch of ``(index, [weight,] tensor)`` items into CPU tensors.
+
+    Explicitly on the CPU, not PyTorch's default collate: that one creates the index and
+    weight tensors on the *default* device, which a caller may have set to a GPU (or meta).
+    """
+    columns = list(zip(*batch))
+    out = [torch.tensor(columns[0], dtype=torch.long, device="cpu")]
+    if len(columns) == 3:
+        out.append(torch.tensor(columns[1], dtype=torch.float32, device="cpu"))
+    out.append(torch.stack(columns[-1]))
+    return tuple(out)
+
+
 def _ignore_sigint(_: int) -> None:
     """Workers leave Ctrl-C to the main process, which saves a checkpoint and stops them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -194,8 +208,9 @@ def make_loader(dataset: torch.utils.data.Dataset, runtime: Runtime, *, batch_sa
                 indices: list[int] | None = None, batch_size: int = 1) -> DataLoader:
     """A DataLoader with ``runtime.workers`` prefetching workers and pinned memory on GPUs."""
     workers = runtime.workers
-    kwargs = dict(num_workers=workers, pin_memory=runtime.pin_memory, worker_init_fn=_ignore_sigint if workers else None,
-                  prefetch_factor=2 if workers else None, persistent_workers=bool(workers))
+    kwargs = dict(num_workers=workers, pin_memory=runtime.pin_memory, prefetch_factor=2 if workers else None,
+                  worker_init_fn=_ignore_sigint if workers else None, persistent_workers=bool(workers),
+                  collate_fn=collate)
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices)
@@ -221,6 +236,7 @@ __all__ = [
     "TokensInRam",
     "ViewDataset",
     "WindowDataset",
+    "collate",
     "make_loader",
     "row_step",
     "sample_rng",

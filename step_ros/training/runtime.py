@@ -18,48 +18,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..model.device import DeviceError, resolve_device
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class RuntimeConfigError(ValueError):
-    """A device or precision that this machine cannot give."""
+class RuntimeConfigError(DeviceError):
+    """A precision or worker count that this machine or device cannot take."""
 
 
 def launched_by_torchrun() -> bool:
     """True inside a process started by ``torchrun`` (it sets RANK, WORLD_SIZE, LOCAL_RANK)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-
-
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto | cpu | cuda | cuda:N`` -> a device this process may use.
-
-    Under torchrun, ``auto`` and ``cuda`` mean "the GPU of my LOCAL_RANK", the usual one GPU
-    per process; ``cuda:N`` pins every rank to GPU N (only sensible with one rank per node).
-    """
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if not name.startswith("cuda"):
-        raise RuntimeConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if not torch.cuda.is_available():
-        raise RuntimeConfigError(
-            f"--device {name}: no CUDA GPU is visible to PyTorch here (torch {torch.__version__}, "
-            f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
-    if name == "cuda":
-        index = local_rank
-    else:
-        try:
-            index = int(name.split(":", 1)[1])
-        except ValueError:
-            raise RuntimeConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if not 0 <= index < torch.cuda.device_count():
-        raise RuntimeConfigError(f"--device {name}: GPU {index} does not exist ({torch.cuda.device_count()} visible)")
-    return torch.device("cuda", index)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -144,7 +117,7 @@ class Runtime:
 def make_runtime(device: str = "auto", precision: str = "auto", workers: int = 1) -> Runtime:
     """The runtime of this process; joins the torchrun process group when launched by torchrun.
 
-    The backend follows the device: NCCL for GPUs, gloo for CPUs.  ``torchrun`` provides the
+    The backend follows the device: NCCL when every rank has a GPU of its own, else gloo.  ``torchrun`` provides the
     rendezvous (MASTER_ADDR/PORT or c10d), so the same command runs on one machine or many.
     """
     if workers < 0:
@@ -157,11 +130,21 @@ def make_runtime(device: str = "auto", precision: str = "auto", workers: int = 1
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        backend = "nccl" if dev.type == "cuda" and own_gpu(device) else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
-                                device_id=dev if dev.type == "cuda" else None)
+                                device_id=dev if backend == "nccl" else None)
     return Runtime(dev, resolve_precision(precision, dev), rank=rank, world_size=world, local_rank=local,
                    workers=workers)
+
+
+def own_gpu(device: str) -> bool:
+    """Whether each rank of this node has a GPU of its own (NCCL needs that; gloo does not).
+
+    ``cuda:N`` pins every rank to one GPU, and more ranks than GPUs share them: gloo then,
+    which runs the same collectives on CUDA tensors, more slowly.
+    """
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return ":" not in (device or "auto") and local_ranks <= torch.cuda.device_count()
 
 
 def shutdown(runtime: Runtime | None) -> None:
@@ -171,6 +154,7 @@ def shutdown(runtime: Runtime | None) -> None:
 
 
 __all__ = [
+    "DeviceError",
     "PRECISIONS",
     "Runtime",
     "RuntimeConfigError",

@@ -155,7 +155,7 @@ def validate(heads: HeadSet, loader, labels: dict[str, torch.Tensor], runtime: R
     """Validation loss and top-1 per task, summed over ranks."""
     heads.eval()
     tasks = list(heads.keys())
-    sums = torch.zeros(2 + len(tasks), dtype=torch.float64)  # loss, count, correct per task
+    sums = torch.zeros(2 + len(tasks), dtype=torch.float64, device="cpu")  # loss, count, correct per task
     for index, window in loader:
         window = window[:, 0].to(runtime.device, non_blocking=True).float()
         with runtime.autocast():
@@ -205,7 +205,8 @@ def train_heads(
     if config.hflip:
         train.source.require_mirrored()
     torch.manual_seed(config.seed)
-    heads = HeadSet({s.task: build_head(s, dim, manifest.frames, num_tokens) for s in manifest.heads})
+    with torch.device("cpu"):  # the same initial weights whatever the device, then moved there
+        heads = HeadSet({s.task: build_head(s, dim, manifest.frames, num_tokens) for s in manifest.heads})
     heads.to(runtime.device)
     opt = _optimizer(heads.parameters(), config)
     sampler = GlobalBatchSampler(len(train), config.batch_size, config.seed, runtime.rank, runtime.world_size)
@@ -247,7 +248,7 @@ def train_heads(
         model = heads
     loader = make_loader(WindowDataset(train.source, manifest.frames, manifest.frame_interval, config.seed,
                                        config.hflip), runtime, batch_sampler=sampler)
-    labels = {t: v.to(runtime.device) for t, v in train.labels.items()}
+    labels = {t: train.labels[t].to(runtime.device) for t in tasks}
     val_loader = validation_loader(val, manifest, runtime, config.batch_size) if val is not None else None
     stopped_early = False
     with _StopFlag() as stop, tqdm(total=config.epochs, initial=epoch, desc="train", unit="epoch",
@@ -259,38 +260,20 @@ def train_heads(
             with tqdm(loader, total=len(sampler), desc=f"epoch {epoch + 1}", unit="step", leave=False,
                       disable=not show or steps_per_epoch < 20) as steps:
                 for index, weight, window in steps:
-                    window = window.to(runtime.device, non_blocking=True).float()
-                    weight = weight.to(runtime.device, dtype=torch.float32)
-                    index = index.to(runtime.device)
                     n_global = min(config.batch_size, len(train) - step * config.batch_size)
-                    with runtime.autocast():
-                        logits = model(window)
-                    loss = window.new_zeros(())
-                    stats = torch.zeros(3 + len(tasks), dtype=torch.float64)  # + stop flag
-                    for t, task in enumerate(tasks):
-                        lt = logits[task].float()
-                        target = labels[task][index]
-                        ce = F.cross_entropy(lt, target, reduction="none") * weight
-                        loss = loss + ce.sum()
-                        stats[2 + t] = float(((lt.argmax(-1) == target).float() * weight).sum())
-                    stats[0], stats[1], stats[-1] = float(loss.detach()), float(weight.sum()), float(stop.requested)
-                    # Sum over this rank's windows, scaled so that DDP's mean over ranks is the mean
-                    # over the global batch: N ranks compute one process's gradient.
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss * (runtime.world_size / n_global)).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                    sched.step()
+                    stats = _train_step(model, opt, sched, scaler, runtime, window, weight, index, labels, n_global)
+                    stats = torch.cat([stats, torch.tensor([float(stop.requested)], dtype=torch.float64,
+                                                           device="cpu")])
                     runtime.all_reduce_sum(stats)
                     totals += stats[:-1].numpy()
                     step += 1
                     if stats[-1] > 0:
                         seconds += time.perf_counter() - start
                         save("interrupted")
-                        raise TrainingInterrupted(
-                            f"stopped at epoch {epoch + 1}, step {step} of {steps_per_epoch}; the state is in {state_path}: "
-                            "run the same command with --resume to continue" if state_path else
-                            f"stopped at epoch {epoch + 1}, step {step} (no checkpoint folder)")
+                        where = (f"the state is in {state_path}: run the same command with --resume to continue"
+                                 if state_path else "no checkpoint was asked for")
+                        raise TrainingInterrupted(f"stopped at epoch {epoch + 1}, step {step} of {steps_per_epoch}; "
+                                                  f"{where}")
                     if config.checkpoint_every and step % config.checkpoint_every == 0 and step < steps_per_epoch:
                         seconds += time.perf_counter() - start
                         start = time.perf_counter()
@@ -328,6 +311,34 @@ def train_heads(
         for w in warnings:
             log.warning(w)
     return TrainResult(dict(heads.items()), log_entries, selected, selection, warnings, stopped_early)
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, scaler, runtime: Runtime, window: torch.Tensor,
+                weight: torch.Tensor, index: torch.Tensor, labels: dict[str, torch.Tensor],
+                n_global: int) -> torch.Tensor:
+    """One optimizer step on this rank's share of a global batch; returns (loss sum, windows,
+    correct per task) over the share, for the epoch's figures."""
+    window = window.to(runtime.device, non_blocking=True).float()  # float16 from the cache
+    weight = weight.to(runtime.device, dtype=torch.float32)
+    index = index.to(runtime.device)
+    with runtime.autocast():
+        logits = model(window)
+    loss = window.new_zeros(())
+    stats = torch.zeros(2 + len(labels), dtype=torch.float64, device="cpu")
+    for t, (task, targets) in enumerate(labels.items()):
+        lt = logits[task].float()
+        target = targets[index]
+        loss = loss + (F.cross_entropy(lt, target, reduction="none") * weight).sum()
+        stats[2 + t] = float(((lt.argmax(-1) == target).float() * weight).sum())
+    stats[0], stats[1] = float(loss.detach()), float(weight.sum())
+    # The sum over this rank's windows, scaled so that DDP's mean over ranks is the mean over
+    # the global batch: N ranks compute one process's gradient.
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss * (runtime.world_size / n_global)).backward()
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    return stats
 
 
 def _postfix(entry: dict, tasks: list[str]) -> dict[str, str]:

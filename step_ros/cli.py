@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         if str(exc):
             print(f"step-ros {args.command}: {exc}", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError, ImportError) as exc:  # ImportError: a missing backend or extra
         if args.verbose:
             raise
         rank = getattr(args, "runtime", None)

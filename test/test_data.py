@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -400,3 +401,16 @@ def test_folder_per_class(tmp_path: Path) -> None:
         load_annotations(loose)
     with pytest.raises(AnnotationError, match="no label folders"):
         load_annotations(_touch(tmp_path / "emptyroot" / "f.txt").parent)
+
+
+def test_rewriting_the_same_video_keeps_the_file(tmp_path: Path) -> None:
+    """Token caches are keyed on a video's mtime: regenerating identical data must not void them."""
+    frames = _ramp_frames()
+    path = write_video(tmp_path / "v.mp4", frames, fps=10)
+    os.utime(path, ns=(10**18, 10**18))  # an old file: any rewrite would show
+    stamp = path.stat().st_mtime_ns
+    write_video(path, frames, fps=10)
+    assert path.stat().st_mtime_ns == stamp
+    write_video(path, frames[::-1], fps=10)  # other content: replaced
+    assert path.stat().st_mtime_ns != stamp and np.abs(read_video(path)[0].astype(int) - frames[-1]).mean() < 6
+    assert not list(tmp_path.glob(".*partial*"))

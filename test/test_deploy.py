@@ -334,3 +334,17 @@ def test_released_backbone_keeps_its_identity_and_refuses_to_encode(tiny_model):
     assert all(p.device.type == "meta" for p in backbone.model.parameters())
     with pytest.raises(RuntimeError, match="released"):
         backbone.encode(random_frames(1))
+
+
+def test_engine_key_tells_orin_modules_and_builder_flags_apart():
+    from dataclasses import replace
+
+    from step_ros.deploy.tensorrt import EngineKey, builder_flags
+
+    key = EngineKey(onnx_sha256="ab" * 32, tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="8.7",
+                    sm_count=16, precision="fp16", build_flags=builder_flags("fp16"), workspace_bytes=1 << 30)
+    names = {key.filename("backbone"), replace(key, sm_count=8).filename("backbone"),
+             replace(key, precision="fp32", build_flags=builder_flags("fp32")).filename("backbone"),
+             replace(key, build_flags=("FP16",)).filename("backbone")}
+    assert len(names) == 4  # an Orin NX and an AGX (same name and sm87) never share an engine
+    assert key.filename("backbone").startswith("backbone.fp16.trt10.3.0.orin.sm87.")

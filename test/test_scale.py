@@ -255,6 +255,14 @@ def test_validation_keeps_the_best_epoch_and_reports_it(data, tmp_path):
                      runtime)
     assert again["val_acc"] == pytest.approx(best["val_acc"]) and again["val_loss"] == pytest.approx(best["val_loss"])
     assert (tmp_path / "run" / "train_curve.png").stat().st_size > 0
+    last = tmp_path / "run" / "last" / "manifest.yaml"
+    if logged["selected_epoch"] != len(epochs):  # the last epoch's heads are kept beside, to compare
+        from step_ros.model.multitask import read_head_metadata
+
+        kept = load_manifest(last).heads[0].checkpoint
+        assert read_head_metadata(kept)["epoch"] == str(len(epochs))
+    else:
+        assert not last.exists()
     assert not (tmp_path / "run" / "train_state.safetensors").exists()  # finished: no resume state left
 
 
@@ -264,6 +272,11 @@ def test_early_stop_ends_when_validation_stops_improving(data, tmp_path):
     train_job(template, csv, tmp_path / "run", config, cache_root=root / "cache")
     logged = json.loads((tmp_path / "run" / "train_log.json").read_text())
     assert logged["stopped_early"] and len(logged["epochs"]) == 3 and logged["selected_epoch"] == 1
+    from step_ros.model.multitask import read_head_metadata
+
+    kept = load_manifest(tmp_path / "run" / "manifest.yaml").heads[0].checkpoint
+    last = load_manifest(tmp_path / "run" / "last" / "manifest.yaml").heads[0].checkpoint
+    assert read_head_metadata(kept)["epoch"] == "1" and read_head_metadata(last)["epoch"] == "3"
 
 
 def test_diagnose_warns_about_overfitting_chance_and_no_validation():
@@ -286,7 +299,7 @@ def _train_args(template, csv, cache, out, *extra):
 
 def test_interrupted_training_resumes_to_the_same_heads(data, tmp_path):
     root, csv, template = data
-    recipe = ("--epochs", "12", "--batch-size", "5", "--hflip", "--checkpoint-every", "2")
+    recipe = ("--epochs", "8", "--batch-size", "5", "--hflip", "--checkpoint-every", "2")
     full = _cli(*_train_args(template, csv, root / "cache", tmp_path / "full", *recipe))
     assert full.returncode == 0, full.stderr
     # Ctrl-C as a terminal sends it: to the whole process group (DataLoader workers included).
@@ -304,7 +317,7 @@ def test_interrupted_training_resumes_to_the_same_heads(data, tmp_path):
     assert "run the same command with --resume" in err and state.exists()
     again = _cli(*_train_args(template, csv, root / "cache", tmp_path / "cut", *recipe))
     assert again.returncode == 2 and "unfinished training run" in again.stderr  # never silently restarted
-    other = _cli(*_train_args(template, csv, root / "cache", tmp_path / "cut", "--epochs", "12", "--batch-size", "6",
+    other = _cli(*_train_args(template, csv, root / "cache", tmp_path / "cut", "--epochs", "8", "--batch-size", "6",
                               "--hflip", "--resume"))
     assert other.returncode == 2 and "batch_size: 5 then, 6 now" in other.stderr
     resumed = _cli(*_train_args(template, csv, root / "cache", tmp_path / "cut", *recipe, "--resume"))

@@ -168,6 +168,18 @@ def _pick_codec() -> str:
     raise VideoError("PyAV's FFmpeg has neither libx264 nor mpeg4 encoders")
 
 
+def _same_bytes(a: Path, b: Path) -> bool:
+    if not b.is_file() or a.stat().st_size != b.stat().st_size:
+        return False
+    with a.open("rb") as fa, b.open("rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
 def write_video(
     path: str | os.PathLike[str],
     frames: np.ndarray | Iterable[np.ndarray],
@@ -180,7 +192,8 @@ def write_video(
     libx264 at a low CRF (near lossless for synthetic content), else mpeg4 at a high
     bitrate. Single-threaded and bit-exact flags so the same frames give the same bytes.
     Width and height must be even (yuv420p chroma subsampling). The file is written under
-    a temporary name and renamed, so a crash never leaves a truncated video behind.
+    a temporary name and renamed, so a crash never leaves a truncated video behind; when the
+    file already holds exactly these bytes it is left untouched.
     """
     path = Path(path)
     if fps <= 0:
@@ -237,7 +250,8 @@ def write_video(
                 raise ValueError(f"no frames to write to {path}")
             for packet in stream.encode(None):
                 container.mux(packet)
-        os.replace(tmp, path)
+        if not _same_bytes(tmp, path):
+            os.replace(tmp, path)  # else the file stays, mtime and all: token caches keyed on it stay valid
     except (av.FFmpegError, OSError) as exc:
         raise VideoError(f"cannot write video {path}: {exc}") from exc
     finally:

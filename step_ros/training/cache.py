@@ -82,7 +82,7 @@ class TokenCache:
 
     # -------------------------------------------------------------- format and marker
 
-    def check(self, create: bool = False) -> None:
+    def check(self, create: bool = False, must_exist: bool = True) -> None:
         """Refuse a folder of another format or token dtype; with ``create`` start a new one.
 
         Why a marker file: format-1 files (float32) have the same names, so without it an old
@@ -111,7 +111,7 @@ class TokenCache:
             _atomic_write_text(marker, json.dumps({"format": CACHE_FORMAT, "dtype": self.dtype,
                                                    "frame_stride": self.frame_stride,
                                                    "backbone": self.backbone_id}, indent=1))
-        elif not self.root.is_dir():
+        elif must_exist and not self.root.is_dir():
             raise CacheError(f"no token cache at {self.root}; run `step-ros extract` first")
 
     # -------------------------------------------------------------- files
@@ -279,8 +279,7 @@ def extract(
     Returns when every rank is done, so the caller may read any file.
     """
     runtime = runtime or Runtime(torch.device("cpu"))
-    if runtime.is_main:
-        cache.check(create=True)
+    cache.check(create=runtime.is_main, must_exist=False)  # every rank refuses an old cache with the same message
     runtime.barrier()
     cache.check()
     views = (False, True) if hflip else (False,)

@@ -131,7 +131,7 @@ def make_runtime(device: str = "auto", precision: str = "auto", workers: int = 1
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" and own_gpu(device) else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60),
                                 device_id=dev if backend == "nccl" else None)
     return Runtime(dev, resolve_precision(precision, dev), rank=rank, world_size=world, local_rank=local,
                    workers=workers)

@@ -17,7 +17,8 @@ What makes it fit for real data (docs/DECISIONS.md, decisions 16-19):
   end and on Ctrl-C / SIGTERM; ``resume`` continues exactly, to the bit on one CPU process.
 
 Output: ``<out>/heads/<task>.safetensors`` (config in the metadata), a manifest pointing at
-them, and ``train_log.json`` + ``train_curve.png``.
+them, and ``train_log.json`` + ``train_curve.png``; when validation kept an earlier epoch, the
+last epoch's heads too, in ``<out>/last/`` (manifest and heads), to compare.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import copy
 import json
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
@@ -87,6 +89,7 @@ class TrainResult:
     selection: str  # "best validation" or "last epoch"
     warnings: list[str] = field(default_factory=list)
     stopped_early: bool = False
+    last_heads: dict[str, dict[str, torch.Tensor]] | None = None  # the last epoch's, when another was kept
 
 
 def label_indices(dataset: Dataset, manifest: Manifest) -> dict[str, torch.Tensor]:
@@ -300,7 +303,10 @@ def train_heads(
             save("epoch end")
             if stopped_early:
                 break
+    last_heads = None
     if best is not None:
+        if best["epoch"] != len(log_entries):
+            last_heads = _head_states(heads)
         heads.load_state_dict({f"{t}.{k}": v for t, sd in best["heads"].items() for k, v in sd.items()})
         selected, selection = best["epoch"], "best validation"
     else:
@@ -310,7 +316,7 @@ def train_heads(
     if runtime.is_main:
         for w in warnings:
             log.warning(w)
-    return TrainResult(dict(heads.items()), log_entries, selected, selection, warnings, stopped_early)
+    return TrainResult(dict(heads.items()), log_entries, selected, selection, warnings, stopped_early, last_heads)
 
 
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, scaler, runtime: Runtime, window: torch.Tensor,
@@ -407,6 +413,16 @@ def save_trained(
             extra={"epochs": config.epochs, "lr": config.lr, "epoch": result.selected_epoch},
         )
     trained.save(out / "manifest.yaml")
+    shutil.rmtree(out / "last", ignore_errors=True)  # an earlier run's
+    if result.last_heads is not None:  # the last epoch's heads too, beside the kept ones, to compare
+        last = copy.deepcopy(manifest)
+        for spec in last.heads:
+            head = copy.deepcopy(result.heads[spec.task])
+            head.load_state_dict(result.last_heads[spec.task])
+            spec.checkpoint = save_head(head, spec, out / "last" / "heads" / f"{spec.task}.safetensors", dim=dim,
+                                        frames=last.frames, num_tokens=num_tokens, backbone=backbone_source,
+                                        extra={"epochs": config.epochs, "lr": config.lr, "epoch": len(result.log)})
+        last.save(out / "last" / "manifest.yaml")
     (out / "train_log.json").write_text(json.dumps({
         "config": asdict(config), "selected_epoch": result.selected_epoch, "selection": result.selection,
         "stopped_early": result.stopped_early, "warnings": result.warnings, **(extra_log or {}),

@@ -34,7 +34,9 @@ setup(
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
         # On Jetson use the TensorRT Python bindings that JetPack ships instead.
         "tensorrt": ["tensorrt>=10,<11"],  # x86 wheels; JetPack 6.0's bindings (8.6) also work
-        "test": ["pytest>=8"],
+        # < 8.4: launch_testing's pytest plugin (loaded by every sourced ROS install) breaks pytest
+        # 8.4+ on Humble (ros2/launch#979); Ubuntu's python3-pytest is 6.2 (22.04) / 7.4 (24.04).
+        "test": ["pytest>=6.2,<8.4"],
     },
     entry_points={"console_scripts": ["step-ros = step_ros.cli:main"]},
 )

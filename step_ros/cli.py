@@ -10,7 +10,9 @@ import logging
 import sys
 from pathlib import Path
 
-DEMO_MANIFEST = Path(__file__).resolve().parent.parent / "models" / "demo" / "manifest.yaml"
+from .resources import demo_manifest
+
+DEMO_MANIFEST = demo_manifest()  # the checkout's, or share/step_ros's in a colcon install
 
 
 def _train_config(args: argparse.Namespace):
@@ -285,6 +287,7 @@ MODULE_COMMANDS: list[tuple[str, str, str]] = [
     ("soak", ".ros.soak", "soak benchmark: thousands of frames through the live node over DDS"),
     ("export", ".deploy.cli", "export backbone and heads to ONNX (checked against PyTorch), optional int8"),
     ("bench", ".deploy.bench", "benchmarks: streaming vs clip, 1 vs 3 heads, reference vs fast heads, torch vs ORT"),
+    ("doctor", ".doctor", "check an install: ROS, messages, torch, GPU, backends, the model, the engine cache"),
 ]
 
 

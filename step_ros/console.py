@@ -1,8 +1,9 @@
 """What every command prints: one rich console, tables, percentages and JSON files.
 
 The ground floor of the package: training, bags, deploy and the node's tools all report
-through these helpers, so output looks the same everywhere.  ``highlight=False`` and tables
-built from plain strings keep program text such as ``[human_action]`` from being read as markup.
+through these helpers, so output looks the same everywhere.  The console reads no markup and
+highlights nothing, and tables are built from plain ``Text``: program text such as
+``[human_action]`` or ``step_ros[tensorrt]`` prints as written.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)  # logs: wide tables
+# markup=False: program text ("[human_action]", "step_ros[tensorrt]", paths) prints as written;
+# styles are given explicitly (style=..., or :func:`step`).
+console = Console(markup=False, highlight=False, width=None if sys.stdout.isatty() else 150)  # logs: wide tables
 
 
 def pct(x: float | None) -> str:
@@ -30,13 +33,23 @@ def write_json(data: Any, path: str | Path) -> Path:
     return path
 
 
-def print_table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> None:
+def step(label: str, text: str) -> None:
+    """A numbered stage of a long job: the label in bold, the rest as written."""
+    console.print(Text.assemble((label, "bold"), " ", text))
+
+
+def error(text: str) -> None:
+    console.print(text, style="red")
+
+
+def print_table(title: str, columns: list[str], rows: Iterable[Iterable[Any]], text_columns: int = 1) -> None:
+    """A table; the first ``text_columns`` columns are left-aligned, the rest (numbers) right."""
     table = Table(title=Text(title), title_justify="left")
     for i, c in enumerate(columns):
-        table.add_column(Text(c), justify="left" if i == 0 else "right")
+        table.add_column(Text(c), justify="left" if i < text_columns else "right")
     for row in rows:
         table.add_row(*[Text(str(x)) for x in row])
     console.print(table)
 
 
-__all__ = ["console", "pct", "print_table", "write_json"]
+__all__ = ["console", "error", "pct", "print_table", "step", "write_json"]

@@ -13,13 +13,13 @@ from pathlib import Path
 from .model.manifest import load_manifest
 from .model.multitask import MultiTaskModel
 from .training.jobs import TokenOptions, evaluate_job, train_job
-from .console import console
+from .console import console, step
+from .resources import demo_manifest, demo_template
 from .training.runtime import Runtime
 from .training.train import TrainConfig
 
-MODELS = Path(__file__).resolve().parent.parent / "models" / "demo"
-DEMO_MANIFEST = MODELS / "manifest.yaml"
-DEMO_TEMPLATE = MODELS / "template.yaml"
+DEMO_MANIFEST = demo_manifest()  # the checkout's, or share/step_ros's in a colcon install
+DEMO_TEMPLATE = demo_template()
 TRAIN_SEED = 0  # synthetic data the demo heads were trained on
 DEMO_SEED = 2026  # fresh test data for the demo run: never seen in training
 
@@ -35,7 +35,7 @@ def run_offline(args: argparse.Namespace) -> dict:
     """Evaluate the demo model on a freshly generated synthetic test set and print the report."""
     manifest = args.manifest or DEMO_MANIFEST
     model = MultiTaskModel.from_manifest(load_manifest(manifest))
-    console.print(f"[bold]demo model[/bold] {manifest} (backbone: {model.backbone.source})")
+    step("demo model", f"{manifest} (backbone: {model.backbone.source})")
     csv = fresh_test_set(args.out / "data", args.per_class or 4)
     return evaluate_job(manifest, csv, args.out / "eval", cache_root=args.out / "cache", model=model)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,24 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+class LaunchLikeLogger(logging.getLoggerClass()):  # type: ignore[misc]
+    """What importing ROS 2's ``launch`` does to every logger created afterwards.
+
+    launch/logging/__init__.py installs ``LaunchLogger`` (``propagate = False``) with
+    ``logging.setLoggerClass``, and every sourced ROS install loads launch_testing's pytest
+    plugin, which imports launch.  The suite always runs under that condition, before any
+    step_ros module creates its logger, so no test can come to rely on log propagation
+    (``caplog`` sees nothing there); tests read records with :func:`log_records` instead.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.propagate = False
+
+
+logging.setLoggerClass(LaunchLikeLogger)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 #: A 2-layer, 64-wide ViT with DINOv2's real module layout and key names.
@@ -66,3 +85,35 @@ def tiny_model():
 
 def random_frames(n: int, h: int = 48, w: int = 56, seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randint(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def log_records():
+    """``log_records(name, level)`` -> the list of records that logger emits during the test.
+
+    The handler sits on the named logger itself: it sees records whether or not they
+    propagate (under ROS's launch they do not).
+    """
+    attached: list[tuple[logging.Logger, _Records, int]] = []
+
+    def attach(name: str, level: int = logging.DEBUG) -> list[logging.LogRecord]:
+        logger = logging.getLogger(name)
+        handler = _Records()
+        attached.append((logger, handler, logger.level))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        return handler.records
+
+    yield attach
+    for logger, handler, level in attached:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

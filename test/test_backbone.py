@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -68,12 +70,21 @@ def test_position_grid_resized_once_matches_runtime_interpolation():
         torch.testing.assert_close(bb(pixels), runtime, rtol=1e-5, atol=1e-5)
 
 
-def test_random_weights_are_explicit_and_reproducible(caplog):
+def test_the_suite_runs_with_ros_launch_logging():
+    """conftest installs launch's logger behaviour (no propagation) before step_ros is imported."""
+    import step_ros.model.fast_step  # noqa: F401
+
+    assert logging.getLogger("step_ros.model.backbone").propagate is False
+    assert logging.getLogger("step_ros.model.fast_step").propagate is False
+
+
+def test_random_weights_are_explicit_and_reproducible(log_records):
     with pytest.raises(BackboneError, match="random_seed"):
         build_backbone("dinov2_vitt14", None, overrides=TINY_OVERRIDES)
-    with caplog.at_level("WARNING"):
-        bb = build_backbone("dinov2_vitt14", random_seed=5, image_size=42, overrides=TINY_OVERRIDES)
-    assert "RANDOM WEIGHTS" in caplog.text and "seed 5" in caplog.text
+    records = log_records("step_ros.model.backbone", logging.WARNING)
+    bb = build_backbone("dinov2_vitt14", random_seed=5, image_size=42, overrides=TINY_OVERRIDES)
+    text = "\n".join(r.getMessage() for r in records)
+    assert "RANDOM WEIGHTS" in text and "seed 5" in text
     assert bb.source == "random weights, seed 5"
     # NumPy's legacy RandomState stream is frozen: the same weights on every machine/version.
     # These constants were recorded once; a change here means trained demo heads no longer fit.
@@ -113,3 +124,19 @@ def test_bad_checkpoints_have_clear_errors(tmp_path):
     (hf_dir / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(BackboneError, match="pickled"):
         build_backbone("dinov2_vitt14", hf_dir, overrides=TINY_OVERRIDES)
+
+
+def test_hugging_face_folder_missing_a_tensor_is_refused(tmp_path):
+    """transformers would initialise the missing tensor and only print a report."""
+    from safetensors.torch import load_file, save_file
+
+    _, model = _pretrained_like("dinov2_vitt14", TINY_OVERRIDES, 2)
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if k.endswith("layer.1.mlp.fc1.bias"))
+    del tensors[name]
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(BackboneError, match=r"incomplete DINOv2 checkpoint: missing tensors .*layer\.1\.mlp\.fc1\.bias"):
+        build_backbone("dinov2_vitt14", folder, image_size=42, overrides=TINY_OVERRIDES)

@@ -168,16 +168,16 @@ def test_tiled_block_creation_is_identical():
     assert_same(a.predict(frames[ids], ids), b.predict(frames[ids], ids))
 
 
-def test_non_default_step_config_uses_reference_forward(caplog):
+def test_non_default_step_config_uses_reference_forward(log_records):
     extra = {"after": {"pe_position": "after"}, "tokwise": {"pe_scope": "token"}, "nocls": {"global_cls": False},
              "both": {"tokens": "both"}, "full": {"block": "full"}}
     heads = make_heads(extra=extra)
-    with caplog.at_level(logging.INFO, logger="step_ros.model.fast_step"):
-        runner = FastStepRunner(heads)
+    records = log_records("step_ros.model.fast_step", logging.INFO)
+    runner = FastStepRunner(heads)
     assert set(runner.slow_tasks) == {"attentive", *extra}
     for task in extra:
         assert fast_path_unsupported(heads[task]) is not None
-        assert sum(task in r.getMessage() for r in caplog.records) == 1  # said once, by name
+        assert sum(task in r.getMessage() for r in records) == 1  # said once, by name
     stream(runner, heads, torch.randn(2 * T, 1 + N_TOK, D))
     # sinusoidal / hybrid frame-wise PE before attention is the same algebra: fast path
     sin = StepHead(D, 3, T, N_TOK, num_heads=H, pe="hybrid").eval()

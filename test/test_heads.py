@@ -60,3 +60,22 @@ def test_unknown_kind_and_option_are_named():
     with pytest.raises(ValueError, match="bogus"):
         create_head("step", 32, 5, 4, 9, {"bogus": 1})
     assert set(HEAD_KINDS) == {"step", "self_attention", "attentive", "linear"}
+
+
+def test_cls_attention_is_the_global_cls_row_of_the_attention():
+    """The map the debug image shows: the global CLS query's softmax row, frame tokens only."""
+    import math
+
+    from step_ros.model.heads import StepHead
+
+    torch.manual_seed(0)
+    head = StepHead(32, 5, 4, 9, num_heads=4).eval()
+    window = torch.randn(2, 4, 10, 32)
+    maps = head.cls_attention(window)
+    assert maps.shape == (2, 4, 9) and (maps >= 0).all() and float(maps.sum(dim=(1, 2)).max()) < 1.0
+    # Independently: the attention matrix from the head's own qkv projection.
+    x = window[:, :, 1:] + head.positional()
+    x = torch.cat([head.global_cls.expand(2, -1, -1), x.reshape(2, 36, 32)], dim=1)
+    q, k, _ = head.attn.qkv(x).reshape(2, 37, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)  # (B, H, N, N)
+    torch.testing.assert_close(maps, probs[:, :, 0, 1:].mean(1).reshape(2, 4, 9))

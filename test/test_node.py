@@ -528,6 +528,59 @@ def test_publishes_offline_predictions(raw_node, raw_stream, listener, offline):
         assert key in d
 
 
+def test_debug_image_only_while_subscribed_and_exactly_what_it_shows(raw_node, raw_stream, listener, offline):
+    """~/debug_image: not built without a subscriber; with one, it is the newest frame with the
+    published labels and the STEP head's CLS attention, pixel for pixel what the renderer draws."""
+    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    from step_ros.model.backbone import crop_box
+    from step_ros.ros.debug_image import TaskLine, render_debug_image
+
+    d = listener.diag(RAW_FQN, lambda d: "debug images" in d)
+    assert d["debug images"] == "0", "nobody subscribed: nothing may be built"
+    images: list = []
+    qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
+    sub = listener.node.create_subscription(Image, RAW_FQN + "/debug_image", lambda m: listener._add(images, m), qos)
+    deadline = time.monotonic() + WAIT_S
+    while sub.get_publisher_count() < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    start = raw_stream.last_ns + 5_000_000_000  # a gap: the window starts afresh with this clip
+    sampled = raw_stream.send_clip(_clip("open", seed=5, n=12), start, lockstep=True, dt_ns=300_000_000)
+    listener.wait(lambda: images, what="a debug image")
+    _, image = images[-1]
+    assert (image.encoding, image.width, image.step) == ("rgb8", 640, 640 * 3) and image.height == 640  # 64 x 64 in
+    stamp = _ns(image.header.stamp)
+    index = [s for s, _ in sampled].index(stamp)
+    action = next(m for m in raw_stream.received() if _ns(m.header.stamp) == stamp)
+    # The same picture from the published message and an offline window of the same frames.
+    model = offline.model
+    frames = [f for _, f in sampled[: index + 1]]
+    idx = list(range(max(0, index - T + 1), index + 1))
+    idx = [idx[0]] * (T - len(idx)) + idx
+    tokens = torch.cat([model.backbone.encode(f[None]) for f in frames])
+    head = model.heads["task_step"]
+    attention = head.cls_attention(tokens[idx][None])[0, -1].numpy()
+    side = int(round(len(attention) ** 0.5))
+    lines = [TaskLine(t.task, t.top_k[0].label, t.confidence, t.confident, t.stable) for t in action.tasks]
+    expected = render_debug_image(frames[-1], lines, 640, attention.reshape(side, side),
+                                  crop_box(64, 64, IMAGE_SIZE), f"#{action.sequence}  {action.frames_in_window}/"
+                                  f"{action.frames_expected} frames")
+    got = np.frombuffer(bytes(image.data), np.uint8).reshape(640, 640, 3)
+    assert np.abs(got.astype(int) - expected.astype(int)).mean() < 0.5  # float rounding of the heat map
+    plain = cv2.resize(frames[-1], (640, 640), interpolation=cv2.INTER_LINEAR)
+    assert np.abs(got.astype(int) - plain.astype(int)).mean() > 5  # labels and the heat map are drawn
+    built = int(listener.diag(RAW_FQN, lambda d: int(d["debug images"]) >= len(images))["debug images"])
+    assert 1 <= built <= len(sampled)
+    listener.node.destroy_subscription(sub)
+    time.sleep(1.0)  # the unsubscription reaches the node
+    now = listener.diag(RAW_FQN)
+    before, processed = int(now["debug images"]), int(now["frames processed"])
+    raw_stream.send_clip(_clip("close", seed=6, n=6), raw_stream.last_ns + 5_000_000_000, lockstep=True)
+    after = listener.diag(RAW_FQN, lambda d: int(d["frames processed"]) >= processed + 3)
+    assert int(after["debug images"]) == before, "no subscriber: no debug image built"
+
+
 # =========================================================================== (b) bad input
 
 

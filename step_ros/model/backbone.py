@@ -303,9 +303,23 @@ def _load_hf(path: Path, arch: BackboneArch) -> nn.Module:
             f"backbone.arch {arch.name!r} has {arch.registers}"
         )
     try:
-        return _hf_model_class(arch).from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+        model, info = _hf_model_class(arch).from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                                            output_loading_info=True)
     except Exception as exc:  # noqa: BLE001
         raise BackboneError(f"{path}: cannot load Hugging Face DINOv2 weights: {exc}") from None
+    # transformers initialises a tensor the file lacks and only reports it: a backbone that
+    # silently differs from the checkpoint.  Refuse, like the Meta .pth path does.
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(m[0]) if isinstance(m, (tuple, list)) else str(m)
+                        for m in (info.get("mismatched_keys") or []))
+    if missing or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)})")
+        if mismatched:
+            parts.append(f"tensors of the wrong shape {mismatched[:8]} ({len(mismatched)})")
+        raise BackboneError(f"{path}: incomplete DINOv2 checkpoint: {'; '.join(parts)}")
+    return model
 
 
 def state_fingerprint(model: nn.Module) -> str:
@@ -347,15 +361,26 @@ def preprocess_frames(
     if std is None:
         std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    h, w = x.shape[-2:]
+    size, top, left = _resize_and_crop(*x.shape[-2:], image_size)
+    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    x = x[:, :, top : top + image_size, left : left + image_size]
+    return (x - mean) / std
+
+
+def _resize_and_crop(h: int, w: int, image_size: int) -> tuple[tuple[int, int], int, int]:
+    """(resized (H, W), crop top, crop left) of the DINOv2 eval transform for an h x w frame."""
     short = round(image_size * 256 / 224)
     scale = short / min(h, w)
     size = (max(image_size, round(h * scale)), max(image_size, round(w * scale)))
-    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-    top = (size[0] - image_size) // 2
-    left = (size[1] - image_size) // 2
-    x = x[:, :, top : top + image_size, left : left + image_size]
-    return (x - mean) / std
+    return size, (size[0] - image_size) // 2, (size[1] - image_size) // 2
+
+
+def crop_box(h: int, w: int, image_size: int) -> tuple[float, float, float, float]:
+    """(top, left, height, width) in frame pixels of what the backbone sees of an h x w frame:
+    where its patch grid lies (the debug image draws attention maps there)."""
+    size, top, left = _resize_and_crop(h, w, image_size)
+    sy, sx = size[0] / h, size[1] / w
+    return top / sy, left / sx, image_size / sy, image_size / sx
 
 
 # --------------------------------------------------------------------------- module
@@ -490,6 +515,7 @@ __all__ = [
     "BackboneArch",
     "BackboneError",
     "build_backbone",
+    "crop_box",
     "hf_to_meta",
     "meta_to_hf",
     "preprocess_frames",

@@ -208,6 +208,30 @@ class StepHead(nn.Module):
     def forward(self, window: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pooled(window))
 
+    @torch.inference_mode()
+    def cls_attention(self, window: torch.Tensor) -> torch.Tensor:
+        """How the global CLS token attends to each frame's tokens: (B, T, m), mean over attention
+        heads, softmax over all tokens (so a frame's map sums to its share of the attention).
+
+        What the papers' attention figure shows.  One query row: cheap beside the head itself.
+        """
+        if self.global_cls is None:
+            raise ValueError("cls_attention needs a head with a global CLS token")
+        x = pool_patch_grid(select_tokens(window, self.tokens), self.token_pool)
+        b, t, m, d = x.shape
+        pe = self.positional()
+        if pe is not None and self.pe_position == "before":
+            x = x + pe
+        x = torch.cat([self.global_cls.expand(b, -1, -1), x.reshape(b, t * m, d)], dim=1)
+        if self.block != "attention":
+            x = self.norm1(x)
+        h = self.attn.num_heads
+        w, bias = self.attn.qkv.weight, self.attn.qkv.bias
+        q = F.linear(x[:, :1], w[:d], bias[:d]).reshape(b, 1, h, d // h).transpose(1, 2)  # (B, H, 1, d)
+        k = F.linear(x, w[d : 2 * d], bias[d : 2 * d]).reshape(b, -1, h, d // h).transpose(1, 2)  # (B, H, N, d)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // h), dim=-1)[:, :, 0]  # (B, H, N)
+        return weights[:, :, 1:].mean(1).reshape(b, t, m)
+
 
 class LinearHead(nn.Module):
     """Linear probing: mean of the frames' CLS tokens -> linear (or one-hidden-layer MLP)."""

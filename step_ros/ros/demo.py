@@ -194,21 +194,21 @@ def run_live_demo(args: argparse.Namespace) -> int:
     from step_ros.bags.play import play
     from step_ros.bags.record import record
     from step_ros.demo import DEMO_MANIFEST, fresh_test_set
-    from step_ros.console import console, pct, print_table, write_json
+    from step_ros.console import console, error, pct, print_table, step, write_json
 
     out: Path = Path(args.out)
     per_class = int(getattr(args, "per_class", 1) or 1)
     rate = float(getattr(args, "rate", 1.0) or 1.0)
     manifest = Path(getattr(args, "manifest", None) or DEMO_MANIFEST)
     if not manifest.is_file():
-        console.print(f"[red]model manifest {manifest} not found[/red]: train the demo model with "
-                      f"`step-ros reproduce-demo`, or pass another manifest")
+        error(f"model manifest {manifest} not found: train the demo model with `step-ros reproduce-demo`, "
+              "or pass another manifest")
         return 1
     out.mkdir(parents=True, exist_ok=True)
 
-    console.print(f"[bold]1/4[/bold] fresh synthetic test set ({per_class} video(s) per class and context)")
+    step("1/4", f"fresh synthetic test set ({per_class} video(s) per class and context)")
     csv = fresh_test_set(out / "data", per_class)
-    console.print("[bold]2/4[/bold] recording the bag")
+    step("2/4", "recording the bag")
     bag = record(csv, out / "bag", manifest=manifest, overwrite=True, image_topic=IMAGE_TOPIC,
                  context=getattr(args, "context", None))
     segments = ground_truth(bag)
@@ -216,7 +216,7 @@ def run_live_demo(args: argparse.Namespace) -> int:
     console.print(f"      {bag}: {len(segments)} segments, {span:.0f} s of camera time "
                   f"({span / rate:.0f} s at rate {rate:g})")
 
-    console.print(f"[bold]3/4[/bold] starting the node on {manifest}")
+    step("3/4", f"starting the node on {manifest}")
     params = list(getattr(args, "node_param", None) or [])
     cmd = node_command(manifest, params, [f"image:={IMAGE_TOPIC}", f"human_action:={ACTION_TOPIC}"])
     log_path = out / "node.log"
@@ -231,15 +231,15 @@ def run_live_demo(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + 180.0
         while not listener.node_ready():
             if proc.poll() is not None:
-                console.print(f"[red]the node exited with {proc.returncode} while starting[/red]:\n"
-                              f"{log_path.read_text(errors='replace')[-3000:]}")
+                error(f"the node exited with {proc.returncode} while starting:\n"
+                      f"{log_path.read_text(errors='replace')[-3000:]}")
                 return 1
             if time.monotonic() > deadline:
-                console.print(f"[red]the node did not come up within 180 s[/red]; see {log_path}")
+                error(f"the node did not come up within 180 s; see {log_path}")
                 return 1
             time.sleep(0.1)
-        console.print(f"[bold]4/4[/bold] playing the bag at {rate:g}x. Columns: camera time, segment, sequence; "
-                      f"per task: best label, confidence, flags (c = confident, s = stable), ok or x(truth)")
+        step("4/4", f"playing the bag at {rate:g}x. Columns: camera time, segment, sequence; "
+                    "per task: best label, confidence, flags (c = confident, s = stable), ok or x(truth)")
         published = play(bag, rate=rate, wait_for_subscribers=2, wait_timeout_s=10.0)
         time.sleep(1.0)  # the last predictions
     except KeyboardInterrupt:

@@ -7,7 +7,10 @@ here). One node, one job:
   ``sensor_msgs/CompressedImage``, with ``input:=compressed``), sensor-data QoS by default
   (best effort, keep last ``qos_depth``): remap it to the camera;
 * publisher ``human_action`` (``step_ros/msg/HumanAction``), reliable, keep last 10;
-* publisher ``/diagnostics`` (``diagnostic_msgs/DiagnosticArray``), every ``diagnostics_period_s``.
+* publisher ``/diagnostics`` (``diagnostic_msgs/DiagnosticArray``), every ``diagnostics_period_s``;
+* publisher ``~/debug_image`` (``sensor_msgs/Image``, rgb8): the newest frame with each task's
+  label, confidence and flags and the STEP attention map, at most ``debug_image_rate`` per second
+  and only while someone subscribes (rqt_image_view, Foxglove).
 
 Threading and drop policy. The subscription callback does only cheap work: it validates the
 header fields (encoding, size, step, data length: no pixel access), asks the engine whether the
@@ -72,15 +75,9 @@ _NS = 1_000_000_000
 def default_manifest() -> str:
     """The demo model: ``share/step_ros/models/demo/manifest.yaml`` of an installed package, else
     the source checkout's ``models/demo/manifest.yaml`` (the venv build installs no models)."""
-    try:
-        from ament_index_python.packages import get_package_share_directory
+    from step_ros.resources import demo_manifest
 
-        installed = Path(get_package_share_directory("step_ros")) / "models" / "demo" / "manifest.yaml"
-        if installed.is_file():
-            return str(installed)
-    except Exception:  # noqa: BLE001 - no ament index / package not installed
-        pass
-    return str(Path(__file__).resolve().parents[2] / "models" / "demo" / "manifest.yaml")
+    return str(demo_manifest())
 
 
 def stamp_seconds(stamp: Any) -> float:
@@ -207,6 +204,11 @@ _PARAMETERS: list[tuple[str, Any, str, dict[str, Any]]] = [
      {"integer_range": (0, 256)}),
     ("diagnostics_period_s", 1.0, "period of the /diagnostics status (rates and latencies are over one period)",
      {"float_range": (0.05, 3600.0)}),
+    ("debug_image_width", 640, "width of ~/debug_image (the newest frame with labels, confidences and flags); "
+                               "built only while someone subscribes", {"integer_range": (64, 4096)}),
+    ("debug_image_rate", 5.0, "at most this many ~/debug_image per second", {"float_range": (0.1, 1000.0)}),
+    ("debug_attention", True, "overlay ~/debug_image with the first STEP head's global-CLS attention over the "
+                              "newest frame's patches", {}),
 ]
 
 
@@ -242,6 +244,9 @@ class HumanActionNode(Node):
         self._last_counts = {"received": 0, "processed": 0, "published": 0, "dropped_busy": 0, "invalid": 0,
                              "errors": 0}
         self._last_diag = time.monotonic()
+        self.debug_images = 0  # inference thread writes, diagnostics read (under _lock)
+        self._debug_ms: list[float] = []
+        self._last_debug = -math.inf
         # bad-input logging state
         self._log_state: dict[str, list[float]] = {}  # reason -> [last log time, suppressed count]
 
@@ -257,6 +262,10 @@ class HumanActionNode(Node):
         out_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.VOLATILE)
         self.pub = self.create_publisher(HumanAction, "human_action", out_qos)
+        # Reliable, keep last 1: rqt_image_view and Foxglove subscribe reliably; only the newest matters.
+        debug_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                               durability=DurabilityPolicy.VOLATILE)
+        self.debug_pub = self.create_publisher(Image, "~/debug_image", debug_qos)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.diag_timer = self.create_timer(self.p["diagnostics_period_s"], self._publish_diagnostics)
 
@@ -492,6 +501,8 @@ class HumanActionNode(Node):
         out = self._message(prediction, smoothed, msg.header.frame_id, stamp)
         self.pub.publish(out)
         compute_ms = (time.perf_counter() - started) * 1e3
+        if self.debug_pub.get_subscription_count() > 0:  # nobody watching: not even built
+            self._publish_debug(frame, out)
         latency_ms = (self.get_clock().now().nanoseconds - (int(stamp.sec) * _NS + int(stamp.nanosec))) / 1e6
         with self._lock:
             self.processed += 1
@@ -499,6 +510,47 @@ class HumanActionNode(Node):
             self._engine_snapshot = snapshot
             self._latency_ms.append(latency_ms)
             self._compute_ms.append(compute_ms)
+
+    def _publish_debug(self, frame: Any, action: HumanAction) -> None:
+        """~/debug_image: the newest frame, each task's label, confidence and flags, and the
+        global-CLS attention of the first STEP head over the newest frame's patches."""
+        now = time.monotonic()
+        if now - self._last_debug < 1.0 / self.p["debug_image_rate"]:
+            return
+        self._last_debug = now
+        started = time.perf_counter()
+        from step_ros.model.backbone import crop_box
+        from step_ros.ros.debug_image import TaskLine, render_debug_image
+
+        lines = [TaskLine(t.task, t.top_k[0].label if t.top_k else (t.label or "-"), t.confidence, t.confident,
+                          t.stable) for t in action.tasks]
+        attention = crop = None
+        head = self._attention_head()
+        if head is not None:
+            window = self.engine.window.window(pad_to_full=True)
+            newest = head.cls_attention(window[None])[0, -1].float().cpu().numpy()
+            side = math.isqrt(len(newest))
+            attention = newest.reshape(side, side)
+            crop = crop_box(frame.shape[0], frame.shape[1], self.model.backbone.image_size)
+        header = f"#{action.sequence}  {action.frames_in_window}/{action.frames_expected} frames"
+        image = render_debug_image(frame, lines, self.p["debug_image_width"], attention, crop, header)
+        msg = Image()
+        msg.header = action.header
+        msg.height, msg.width = int(image.shape[0]), int(image.shape[1])
+        msg.encoding, msg.is_bigendian, msg.step = "rgb8", 0, int(image.shape[1]) * 3
+        msg.data = image.tobytes()
+        self.debug_pub.publish(msg)
+        with self._lock:
+            self.debug_images += 1
+            self._debug_ms.append((time.perf_counter() - started) * 1e3)
+
+    def _attention_head(self) -> Any:
+        if not self.p["debug_attention"]:
+            return None
+        for head in self.model.heads.values():
+            if getattr(head, "global_cls", None) is not None and hasattr(head, "cls_attention"):
+                return head
+        return None
 
     def _remember_stamp(self, t: float, stamp: TimeMsg) -> None:
         """Exact ``Time`` of recent sampled frames, so window_start is the oldest frame's own stamp."""
@@ -563,6 +615,8 @@ class HumanActionNode(Node):
             self._last_counts = counts
             latency, self._latency_ms = self._latency_ms, []
             compute, self._compute_ms = self._compute_ms, []
+            debug_ms, self._debug_ms = self._debug_ms, []
+            debug_images = self.debug_images
             invalid = dict(self.invalid)
             snapshot = dict(self._engine_snapshot)
             sampled = self.sampled
@@ -625,6 +679,8 @@ class HumanActionNode(Node):
             ("frame interval", str(self.engine.frame_interval)),
             ("frames per window", str(self.manifest.frames)),
             ("image conversion", conversions.converter_name()),
+            ("debug images", str(debug_images)),
+            ("debug image ms", f"{_percentile(debug_ms, 50):.1f}" if debug_ms else "-"),
         ]
         status = DiagnosticStatus(level=level, name=DIAGNOSTIC_NAME, message=message,
                                   hardware_id=self.get_fully_qualified_name(),

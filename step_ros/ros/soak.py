@@ -140,7 +140,7 @@ def run_soak(manifest: Path | None, frames: int, fps: float, out: Path, size: in
     from sensor_msgs.msg import Image
 
     from step_ros.model.manifest import load_manifest
-    from step_ros.console import console, print_table, write_json
+    from step_ros.console import console, print_table, step, write_json
 
     out.mkdir(parents=True, exist_ok=True)
     if manifest is None:
@@ -155,7 +155,7 @@ def run_soak(manifest: Path | None, frames: int, fps: float, out: Path, size: in
     image_topic, out_topic = "/soak/image", "/soak/human_action"
     cmd = node_command(manifest, list(node_params or []), [f"image:={image_topic}", f"human_action:={out_topic}"])
     log_path = out / "node.log"
-    console.print(f"[bold]soak[/bold]: {frames} frames at {fps:g} fps ({size}x{size} rgb8), model {manifest} "
+    step("soak:", f"{frames} frames at {fps:g} fps ({size}x{size} rgb8), model {manifest} "
                   f"(frame interval {interval}: {fps / interval:.2f} inferences/s expected); node log {log_path}")
 
     source = synthetic_frames(n_clips=8, size=size)

@@ -1,0 +1,75 @@
+"""The command line as a user meets it: one clear line per mistake, text printed as written,
+and ``step-ros doctor``.  Every command runs as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+
+def step_ros(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "step_ros", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "COLUMNS": "200"}, **kw)
+
+
+def one_error_line(result: subprocess.CompletedProcess, command: str) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith(f"step-ros {command}")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_tensorrt_without_a_gpu_is_one_line(tmp_path):
+    pytest.importorskip("rosbags")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the tensorrt backend may work here")
+    bag = tmp_path / "bag"
+    csv = ROOT / "models" / "demo" / "manifest.yaml"  # any existing file: the backend fails before the bag
+    from step_ros.data.synthetic import generate
+
+    data = generate(tmp_path / "data", seed=3, videos_per_class={"train": 0, "val": 0, "test": 1},
+                    unknown_per_class=0, size=32, num_frames=20, progress=False)
+    assert step_ros("record", "--data", str(data), "--out", str(bag)).returncode == 0
+    line = one_error_line(step_ros("replay-eval", "--bag", str(bag), "--manifest", str(csv), "--backend",
+                                   "tensorrt"), "replay-eval")
+    assert "tensorrt" in line and "step_ros[tensorrt]" in line  # the install hint, brackets and all
+    # Recording into the same folder twice is one line too.
+    line = one_error_line(step_ros("record", "--data", str(data), "--out", str(bag)), "record")
+    assert "exists already" in line and "--overwrite" in line
+
+
+def test_program_text_in_brackets_prints_as_written(capsys):
+    from step_ros.console import console, print_table, step
+
+    console.print("[human_action] published; pip install 'step_ros[tensorrt]'")
+    step("1/4", "[synthetic-demo] starts")
+    print_table("[synthetic-demo] fine_action", ["[col]"], [["[cell] wide enough for the title to fit on one line"]])
+    out = capsys.readouterr().out
+    for text in ("[human_action] published", "'step_ros[tensorrt]'", "[synthetic-demo] starts",
+                 "[synthetic-demo] fine_action", "[col]", "[cell]"):
+        assert text in out, text
+
+
+def test_doctor_reports_every_check_and_fails_on_a_broken_model(tmp_path):
+    if not os.environ.get("STEP_ROS_REQUIRE_ROS"):
+        pytest.importorskip("rclpy", reason="ROS 2 (rclpy) not installed: doctor would rightly fail its ROS check")
+    result = step_ros("doctor")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for check in ("python and libraries", "ROS 2", "step_ros messages", "torch and GPU", "ONNX Runtime", "TensorRT",
+                  "model (manifest, weights, heads)", "engine cache"):
+        assert check in result.stdout, check
+    assert "0 failed" in result.stdout
+    broken = tmp_path / "manifest.yaml"
+    demo = (ROOT / "models" / "demo" / "manifest.yaml").read_text().replace("heads/", str(ROOT / "models/demo/heads") + "/")
+    broken.write_text(demo.replace("random_seed: 0", "random_seed: 1"))  # other weights than the heads know
+    result = step_ros("doctor", "--manifest", str(broken))
+    assert result.returncode == 1
+    assert "FAIL" in result.stdout and "fingerprint" in result.stdout
+    assert "1 failed: model (manifest, weights, heads)" in result.stdout

@@ -203,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--per-class", type=int, default=None,
                    help="fresh test videos per class and context (default: 1 live, 4 offline)")
-    p.add_argument("--rate", type=float, default=2.0, help="bag playback rate factor (live demo)")
+    p.add_argument("--rate", type=float, default=2.0,
+                   help="bag playback rate factor (live demo); lowered when the calibration finds the node too slow")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the node on this machine first and play slower if it would not keep up")
     p.add_argument("--context", choices=["known", "unknown"], default=None, help="only this context (live demo)")
     p.add_argument("--manifest", type=Path, default=None, help="model manifest (default: models/demo)")
     p.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",

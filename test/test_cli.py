@@ -73,3 +73,29 @@ def test_doctor_reports_every_check_and_fails_on_a_broken_model(tmp_path):
     assert result.returncode == 1
     assert "FAIL" in result.stdout and "fingerprint" in result.stdout
     assert "1 failed: model (manifest, weights, heads)" in result.stdout
+
+
+def test_live_demo_calibration_slows_the_bag_only_when_the_node_is_too_slow():
+    from step_ros.ros.demo import calibrate
+
+    # 15 fps, interval 2: a sampled frame every 133 ms at 1x, 67 ms at 2x.
+    quick = calibrate([9.0, 10.0, 11.0], fps=15.0, interval=2, asked=2.0)
+    assert quick["rate"] == 2.0 and "leaves it enough time" in quick["note"]
+    slow = calibrate([100.0, 100.0, 140.0], fps=15.0, interval=2, asked=2.0)
+    assert slow["rate"] == 0.67  # 133 ms per sampled frame at 1x, half of it for the node: 100 ms fit at 0.67x
+    assert "needs 100 ms per sampled frame" in slow["note"] and "playing at 0.67x instead" in slow["note"]
+    assert calibrate([], fps=15.0, interval=2, asked=2.0)["rate"] == 2.0
+
+
+def test_live_demo_verdict_says_when_the_machine_could_not_keep_up():
+    from step_ros.ros.demo import Segment, node_load
+
+    segments = [Segment(i, i * 10, i * 10 + 9, {}) for i in range(10)]
+    records = [{"segment": i} for i in range(10)]
+    ok = node_load({"frames sampled": 5, "dropped_busy": 0}, {"frames sampled": 205, "dropped_busy": 1}, records,
+                   segments, 20.0)
+    assert ok["kept_up"] and ok["verdict"].startswith("the machine kept up: 10 of 10 segments covered, 1 of 200")
+    starved = node_load({}, {"frames sampled": 200, "dropped_busy": 70, "window resets": 12}, records[:4], segments,
+                        20.0)
+    assert not starved["kept_up"] and "could NOT keep up" in starved["verdict"]
+    assert "4 of 10 segments covered, 70 of 200 sampled frames dropped" in starved["verdict"]

@@ -86,6 +86,7 @@ def play(
     wait_timeout_s: float = 10.0,
     domain_id: int | None = None,
     stop_event: threading.Event | None = None,
+    max_messages: int | None = None,
 ) -> int:
     """Publish ``bag_path``'s image topics (or ``topics``) in real time; return the count published.
 
@@ -97,6 +98,7 @@ def play(
     ``use_sim_time:=true``). ``wait_for_subscribers``: before the first message, wait up to
     ``wait_timeout_s`` until every topic has this many subscribers. ``domain_id``: ROS domain
     (default ``$ROS_DOMAIN_ID``). ``stop_event``: set it to stop from another thread.
+    ``max_messages``: stop after publishing this many (a warm-up or calibration run).
 
     Runs its own rclpy context (works beside other nodes in the process) and installs no signal
     handler: Ctrl-C (KeyboardInterrupt) stops playback and shuts the context down.
@@ -169,7 +171,9 @@ def play(
                         clock_pub.publish(clock_cls(clock=_ros_time(log_ns)))
                     pubs[conn.topic].publish(msg)
                     published += 1
-            if not loop or first_ns is None:
+                    if max_messages is not None and published >= max_messages:
+                        break
+            if not loop or first_ns is None or (max_messages is not None and published >= max_messages):
                 break
     except KeyboardInterrupt:
         log.info("play: interrupted after %d messages", published)

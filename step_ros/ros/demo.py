@@ -5,10 +5,19 @@
    ``/camera/image_raw`` plus one ground-truth ``HumanAction`` per video segment on
    ``/ground_truth``;
 3. start the ``human_action`` node (``scripts/step_ros_node``) on the demo model;
-4. play the bag in real time (``step_ros.bags.play.play``) while printing one line per
-   ``/human_action`` message;
-5. score every prediction against the ground-truth segment that contains its window
-   (``window_start .. header.stamp``), print accuracy per task and the latency, stop the node.
+4. calibrate: play the bag's first seconds at 1x and measure how long the node takes per
+   sampled frame on this machine, now; if the asked ``--rate`` would outrun it, play slower;
+5. play the bag (``step_ros.bags.play.play``) while printing one line per ``/human_action``
+   message;
+6. score every prediction against the ground-truth segment that contains its window
+   (``window_start .. header.stamp``), print accuracy per task, the latency, and what the node
+   reported in ``/diagnostics`` (drops, window resets, published rate, segments covered), with
+   a plain verdict on whether the machine kept up; stop the node.
+
+Why calibrate the playback and not the node: a demo exists to show predictions, and slowing a
+recorded camera changes nothing the node sees (stamps are the bag's).  A robot cannot slow its
+camera: there the node's own load shedding (``max_deferrals``, ``max_backlog``) applies, and
+``/diagnostics`` counts it.
 
 Latency here is measured in this process, from the arrival of a camera frame (this process
 also subscribes the image topic) to the arrival of the HumanAction stamped with it: the bag's
@@ -103,6 +112,10 @@ class _LiveListener:
         qos = QoSProfile(depth=50, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
         self.node.create_subscription(Image, IMAGE_TOPIC, self._on_image, qos)
         self.node.create_subscription(HumanAction, ACTION_TOPIC, self._on_action, qos)
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        self.diagnostics: dict[str, str] = {}  # the node's newest /diagnostics key-values
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, qos)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self._spin, daemon=True)
@@ -118,6 +131,20 @@ class _LiveListener:
     def node_ready(self) -> bool:
         return (self.node.count_subscribers(IMAGE_TOPIC) >= 2  # the node and this listener
                 and self.node.count_publishers(ACTION_TOPIC) >= 1)
+
+    def _on_diagnostics(self, msg: Any) -> None:
+        for status in msg.status:
+            if status.name == "step_ros: human_action":
+                with self.lock:
+                    self.diagnostics = {kv.key: kv.value for kv in status.values}
+
+    def counters(self) -> dict[str, int]:
+        """The node's cumulative counters from its newest diagnostics."""
+        with self.lock:
+            d = dict(self.diagnostics)
+        keys = ("frames received", "frames sampled", "frames processed", "dropped_busy", "predictions deferred",
+                "window resets", "published")
+        return {k: int(d[k]) for k in keys if k in d}
 
     def _on_image(self, msg: Any) -> None:
         with self.lock:
@@ -148,6 +175,14 @@ class _LiveListener:
         t = (stamp - self.t0_ns) / 1e9 if self.t0_ns is not None else stamp / 1e9
         seg_text = f"seg {seg.index:3d}" if seg else "seg   -"
         print(f"{t:7.2f}s {seg_text} #{msg.sequence:<5d} " + " | ".join(parts), flush=True)
+
+    def latencies(self) -> list[float]:
+        with self.lock:
+            return [r["latency_ms"] for r in self.records if r["latency_ms"] is not None]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.records.clear()
 
     def close(self) -> None:
         import rclpy
@@ -186,6 +221,78 @@ def score(records: list[dict], segments: list[Segment]) -> dict[str, dict]:
     return out
 
 
+def camera_rate(bag: Path) -> tuple[float, int]:
+    """(frames per second, frame count) of the bag's camera topic."""
+    from step_ros.bags.common import open_bag
+
+    with open_bag(bag) as reader:
+        count = reader.topics[IMAGE_TOPIC].msgcount
+        duration_s = max(reader.duration, 1) / 1e9
+    return (count - 1) / duration_s if count > 1 else 1.0, count
+
+
+def manifest_frames(manifest: Path) -> int:
+    from step_ros.model.manifest import load_manifest
+
+    return load_manifest(manifest).frames
+
+
+def _frame_interval(manifest: Path, params: list[str]) -> int:
+    """The node's frame interval: a ``frame_interval:=k`` node parameter, else the manifest's."""
+    from step_ros.model.manifest import load_manifest
+
+    for param in params:
+        name, _, value = param.partition(":=")
+        if name.strip() == "frame_interval" and int(value) > 0:
+            return int(value)
+    return load_manifest(manifest).frame_interval
+
+
+#: The node may use at most this share of the time between two sampled frames (the rest is the
+#: machine's other work, and jitter).
+CALIBRATION_HEADROOM = 0.5
+
+
+def calibrate(latencies_ms: list[float], fps: float, interval: int, asked: float) -> dict[str, Any]:
+    """The playback rate at which the node keeps up, from its latencies on this machine now.
+
+    A sampled frame arrives every ``interval / (fps * rate)`` s; the node needs about its median
+    frame-to-prediction latency for one.  Play at ``asked`` unless that leaves the node less than
+    twice that time per sampled frame.
+    """
+    if not latencies_ms:
+        return {"rate": asked, "note": "no prediction during calibration: playing at the asked rate"}
+    need_ms = float(np.median(latencies_ms))
+    fastest = interval * 1000.0 / (fps * need_ms) * CALIBRATION_HEADROOM
+    rate = max(0.05, min(asked, round(fastest, 2)))
+    if rate < asked:
+        note = (f"the node needs {need_ms:.0f} ms per sampled frame here now; at {asked:g}x a sampled frame "
+                f"would arrive every {interval * 1000 / (fps * asked):.0f} ms: playing at {rate:g}x instead")
+    else:
+        note = f"the node needs {need_ms:.0f} ms per sampled frame here now: {asked:g}x leaves it enough time"
+    return {"rate": rate, "node_ms_per_sampled_frame": need_ms, "fastest_rate": fastest, "note": note}
+
+
+def node_load(before: dict[str, int], after: dict[str, int], records: list[dict], segments: list[Segment],
+              seconds: float) -> dict[str, Any]:
+    """What the node's /diagnostics counted during the run, and a plain verdict."""
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    covered = len({r["segment"] for r in records if r["segment"] is not None})
+    sampled = delta.get("frames sampled", 0)
+    dropped = delta.get("dropped_busy", 0)
+    out = {"segments_covered": covered, "segments": len(segments), "frames_sampled": sampled,
+           "dropped_busy": dropped, "predictions_deferred": delta.get("predictions deferred", 0),
+           "window_resets": delta.get("window resets", 0), "published": delta.get("published", len(records)),
+           "published_rate_hz": delta.get("published", len(records)) / max(seconds, 1e-9)}
+    out["kept_up"] = bool(segments) and covered >= 0.9 * len(segments) and dropped <= 0.01 * max(sampled, 1)
+    summary = (f"{covered} of {len(segments)} segments covered, {dropped} of {sampled} sampled frames dropped "
+               f"(busy), {out['predictions_deferred']} predictions postponed, {out['window_resets']} window resets, "
+               f"{out['published_rate_hz']:.1f} predictions/s")
+    out["verdict"] = ("the machine kept up: " if out["kept_up"] else
+                      "the machine could NOT keep up (too slow or too busy): ") + summary
+    return out
+
+
 def run_live_demo(args: argparse.Namespace) -> int:
     """The main job; ``args``: ``out`` (Path), ``per_class`` (int, default 1), ``rate`` (float);
     optional ``manifest`` (Path, default the demo model), ``context`` ('known' / 'unknown': only those
@@ -206,18 +313,19 @@ def run_live_demo(args: argparse.Namespace) -> int:
         return 1
     out.mkdir(parents=True, exist_ok=True)
 
-    step("1/4", f"fresh synthetic test set ({per_class} video(s) per class and context)")
+    step("1/5", f"fresh synthetic test set ({per_class} video(s) per class and context)")
     csv = fresh_test_set(out / "data", per_class)
-    step("2/4", "recording the bag")
+    step("2/5", "recording the bag")
     bag = record(csv, out / "bag", manifest=manifest, overwrite=True, image_topic=IMAGE_TOPIC,
                  context=getattr(args, "context", None))
     segments = ground_truth(bag)
     span = (segments[-1].end_ns - segments[0].start_ns) / 1e9 if segments else 0.0
-    console.print(f"      {bag}: {len(segments)} segments, {span:.0f} s of camera time "
-                  f"({span / rate:.0f} s at rate {rate:g})")
+    fps, frames_in_bag = camera_rate(bag)
+    console.print(f"      {bag}: {len(segments)} segments, {span:.0f} s of camera time at {fps:.1f} fps")
 
-    step("3/4", f"starting the node on {manifest}")
+    step("3/5", f"starting the node on {manifest}")
     params = list(getattr(args, "node_param", None) or [])
+    interval = _frame_interval(manifest, params)
     cmd = node_command(manifest, params, [f"image:={IMAGE_TOPIC}", f"human_action:={ACTION_TOPIC}"])
     log_path = out / "node.log"
     log = open(log_path, "wb")
@@ -226,6 +334,9 @@ def run_live_demo(args: argparse.Namespace) -> int:
     published = 0
     code = 0
     interrupted = False
+    calibration: dict[str, Any] = {"asked_rate": rate}
+    before: dict[str, int] = {}
+    after: dict[str, int] = {}
     try:
         listener = _LiveListener(segments)
         deadline = time.monotonic() + 180.0
@@ -238,10 +349,22 @@ def run_live_demo(args: argparse.Namespace) -> int:
                 error(f"the node did not come up within 180 s; see {log_path}")
                 return 1
             time.sleep(0.1)
-        step("4/4", f"playing the bag at {rate:g}x. Columns: camera time, segment, sequence; "
+        if getattr(args, "calibrate", True):
+            warm = min(frames_in_bag, 3 * manifest_frames(manifest) * interval)
+            step("4/5", f"calibrating: the bag's first {warm} frames at 1x, to see how fast the node is here, now")
+            play(bag, rate=1.0, wait_for_subscribers=2, wait_timeout_s=10.0, max_messages=warm)
+            time.sleep(1.0)
+            calibration.update(calibrate(listener.latencies(), fps, interval, rate))
+            rate = calibration["rate"]
+            console.print(f"      {calibration['note']}")
+            listener.clear()
+        time.sleep(1.5)  # a fresh /diagnostics: the counters before the run
+        before = listener.counters()
+        step("5/5", f"playing the bag at {rate:g}x ({span / rate:.0f} s). Columns: camera time, segment, sequence; "
                     "per task: best label, confidence, flags (c = confident, s = stable), ok or x(truth)")
         published = play(bag, rate=rate, wait_for_subscribers=2, wait_timeout_s=10.0)
-        time.sleep(1.0)  # the last predictions
+        time.sleep(1.5)  # the last predictions and a last /diagnostics
+        after = listener.counters()
     except KeyboardInterrupt:
         interrupted = True
         code = 130
@@ -265,10 +388,12 @@ def run_live_demo(args: argparse.Namespace) -> int:
     console.print(f"latency frame arrival -> HumanAction arrival: median {lat['median_ms']:.1f} ms, "
                   f"p95 {lat['p95_ms']:.1f} ms ({lat['n']} predictions); {published} frames played; "
                   f"{unscored} predictions outside a segment; node exit code {exit_code}")
+    load = node_load(before, after, records, segments, span / rate)
+    console.print(load["verdict"], style="bold" if load["kept_up"] else "bold red")
     report = {"manifest": str(manifest), "bag": str(bag), "rate": rate, "per_class": per_class,
               "segments": len(segments), "frames_played": published, "predictions": len(records),
               "unscored": unscored, "accuracy": accuracy, "latency": lat, "node_exit_code": exit_code,
-              "interrupted": interrupted, "node_log": str(log_path)}
+              "interrupted": interrupted, "node_log": str(log_path), "calibration": calibration, "load": load}
     write_json(report, out / "live_demo.json")
     (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     console.print(f"wrote {out / 'live_demo.json'} and {out / 'predictions.jsonl'}")
@@ -277,4 +402,4 @@ def run_live_demo(args: argparse.Namespace) -> int:
     return 0 if exit_code == 0 and records else 1
 
 
-__all__ = ["Segment", "ground_truth", "run_live_demo", "score", "segment_of"]
+__all__ = ["Segment", "calibrate", "camera_rate", "ground_truth", "node_load", "run_live_demo", "score", "segment_of"]

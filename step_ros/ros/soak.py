@@ -11,7 +11,10 @@ listens to ``/human_action`` and ``/diagnostics``. Reports, as a table, JSON and
 * frames lost: published by us but not received by the node, ``dropped_busy`` (sampled while
   the inference thread was busy) and gaps in ``sequence``;
 * the node's inference and published rates (from its diagnostics) against the expected
-  ``fps / frame_interval``.
+  ``fps / frame_interval``;
+* with ``--debug-image``: ``~/debug_image`` is subscribed for the second half of the run, its
+  newest picture saved as ``debug_image.png``, and the node's compute per sampled frame compared
+  without and with a subscriber (the debug image is built only while someone watches).
 
 Discovery is kept on this machine (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` unless set).
 """
@@ -112,6 +115,21 @@ class _Listener:
         qos = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
         node.create_subscription(HumanAction, topic, self._on_action, qos)
         node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, qos)
+        self.debug_images: list[Any] = []
+        self.debug_since: float | None = None  # monotonic time of the debug-image subscription
+
+    def subscribe_debug(self, topic: str) -> None:
+        from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import Image
+
+        qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
+        self.node.create_subscription(Image, topic, self._on_debug, qos)
+        self.debug_since = time.monotonic()
+
+    def _on_debug(self, msg: Any) -> None:
+        with self.lock:
+            self.debug_images.append(msg)
+            del self.debug_images[:-1]  # the newest only; the count is in the node's diagnostics
 
     def _on_action(self, msg: Any) -> None:
         now = self.node.get_clock().now().nanoseconds
@@ -130,7 +148,7 @@ class _Listener:
 
 def run_soak(manifest: Path | None, frames: int, fps: float, out: Path, size: int = 128,
              node_params: list[str] | None = None, startup_timeout_s: float = 180.0,
-             rss_period_s: float = 1.0) -> dict:
+             rss_period_s: float = 1.0, debug_image: bool = False) -> dict:
     """Run the soak; returns the report (also written to ``out/soak.json`` with ``out/soak.png``)."""
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     import rclpy
@@ -207,6 +225,8 @@ def run_soak(manifest: Path | None, frames: int, fps: float, out: Path, size: in
                 next_rss = now + rss_period_s
             if proc.poll() is not None:
                 raise RuntimeError(f"the node exited with {proc.returncode} during the soak; see {log_path}")
+            if debug_image and i == frames // 2:
+                listener.subscribe_debug("/human_action/debug_image")
             if i and i % max(1, frames // 10) == 0:
                 with listener.lock:
                     n = len(listener.actions)
@@ -231,6 +251,8 @@ def run_soak(manifest: Path | None, frames: int, fps: float, out: Path, size: in
         diags = list(listener.diags)
     report = _report(actions, diags, rss, sent_stamps, frames, fps, interval, duration, manifest, exit_code)
     report["node_log"] = str(log_path)
+    if debug_image:
+        report["debug_image"] = _debug_report(listener, diags, fps, out / "debug_image.png")
     _print(report, print_table)
     write_json(report, out / "soak.json")
     title = f"soak: {man.name}, {frames} frames at {fps:g} fps"
@@ -241,6 +263,41 @@ def run_soak(manifest: Path | None, frames: int, fps: float, out: Path, size: in
     write_json(report, out / "soak.json")
     console.print(f"wrote {out / 'soak.json'} and {png}")
     return report
+
+
+def _median(values) -> float:
+    """Median of the finite values (a diagnostics period with nothing to report says "-" or nan)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def _debug_report(listener: _Listener, diags: list, fps: float, png: Path) -> dict:
+    """The node's compute per sampled frame without and with a debug-image subscriber, and the
+    newest debug image as a PNG."""
+    since = listener.debug_since or math.inf
+    settle = 2.0  # the subscription reaches the node
+    flowing = [(t, v) for t, v, _, _ in diags if float(v.get("input rate (Hz)", "nan")) > 0.5 * fps]
+
+    def median(rows: list, key: str) -> float:
+        return _median(float(v[key]) for _, v in rows if v.get(key, "-") != "-")
+
+    without = [(t, v) for t, v in flowing if t < since]
+    with_sub = [(t, v) for t, v in flowing if t > since + settle]
+    out = {"compute_ms_without_subscriber": median(without, "compute median (ms)"),
+           "compute_ms_with_subscriber": median(with_sub, "compute median (ms)"),
+           "debug_image_ms": median(with_sub, "debug image ms"),
+           "debug_images_built": int(float(diags[-1][1].get("debug images", 0))) if diags else 0,
+           "debug_images_built_before_subscribing": int(float(without[-1][1].get("debug images", 0)))
+           if without else 0}
+    with listener.lock:
+        newest = listener.debug_images[-1] if listener.debug_images else None
+    if newest is not None:
+        import cv2
+
+        image = np.frombuffer(bytes(newest.data), np.uint8).reshape(newest.height, newest.width, 3)
+        cv2.imwrite(str(png), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        out["png"] = str(png)
+    return out
 
 
 def _spin(executor: Any, context: Any) -> None:
@@ -306,10 +363,10 @@ def _report(actions, diags, rss, sent_stamps, frames, fps, interval, duration, m
         "invalid": num("invalid"),
         "window_resets": num("window resets"),
         "sequence_gaps": seq_gaps,
-        "inference_hz_median": statistics.median([r[0] for r in flowing]) if flowing else math.nan,
-        "published_hz_median": statistics.median([r[1] for r in flowing]) if flowing else math.nan,
+        "inference_hz_median": _median(r[0] for r in flowing),
+        "published_hz_median": _median(r[1] for r in flowing),
         "published_hz_overall": len(actions) / duration if duration else math.nan,
-        "node_compute_ms_median": statistics.median([r[3] for r in flowing]) if flowing else math.nan,
+        "node_compute_ms_median": _median(r[3] for r in flowing),  # periods before the first compute have none
         "diagnostic_levels": levels,
         "node_exit_code": exit_code,
         "span_s": span / 1e9,
@@ -335,6 +392,13 @@ def _print(r: dict, print_table) -> None:
         ["node compute median (ms, convert + backbone + heads)", f"{r['node_compute_ms_median']:.1f}"],
         ["node exit code", r["node_exit_code"]],
     ]
+    if "debug_image" in r:
+        d = r["debug_image"]
+        rows += [["compute median without / with a debug-image subscriber (ms)",
+                  f"{d['compute_ms_without_subscriber']:.1f} / {d['compute_ms_with_subscriber']:.1f}"],
+                 ["debug image: median ms to build; built before / in all",
+                  f"{d['debug_image_ms']:.1f}; {d['debug_images_built_before_subscribing']} / "
+                  f"{d['debug_images_built']}"]]
     print_table(f"soak: {r['frames_sent']} frames at {r['fps']:g} fps, {r['duration_s']:.0f} s", ["", "value"], rows)
 
 
@@ -371,12 +435,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/soak"), help="report folder")
     parser.add_argument("--param", action="append", default=[], metavar="NAME:=VALUE",
                         help="extra node parameter (repeatable), e.g. --param backend:=onnxruntime")
+    parser.add_argument("--debug-image", action="store_true",
+                        help="subscribe ~/debug_image for the second half; save it as PNG and compare the cost")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.frames < 10 or args.fps <= 0:
         raise SystemExit("--frames must be >= 10 and --fps positive")
-    report = run_soak(args.manifest, args.frames, args.fps, args.out, size=args.size, node_params=args.param)
+    report = run_soak(args.manifest, args.frames, args.fps, args.out, size=args.size, node_params=args.param,
+                      debug_image=args.debug_image)
     ok = report["node_exit_code"] == 0 and report["predictions_received"] > 0
     return 0 if ok else 1
 

@@ -79,12 +79,17 @@ def test_live_demo_calibration_slows_the_bag_only_when_the_node_is_too_slow():
     from step_ros.ros.demo import calibrate
 
     # 15 fps, interval 2: a sampled frame every 133 ms at 1x, 67 ms at 2x.
-    quick = calibrate([9.0, 10.0, 11.0], fps=15.0, interval=2, asked=2.0)
-    assert quick["rate"] == 2.0 and "leaves it enough time" in quick["note"]
-    slow = calibrate([100.0, 100.0, 140.0], fps=15.0, interval=2, asked=2.0)
-    assert slow["rate"] == 0.67  # 133 ms per sampled frame at 1x, half of it for the node: 100 ms fit at 0.67x
-    assert "needs 100 ms per sampled frame" in slow["note"] and "playing at 0.67x instead" in slow["note"]
-    assert calibrate([], fps=15.0, interval=2, asked=2.0)["rate"] == 2.0
+    quick = calibrate([9.0, 10.0, 11.0], fps=15.0, interval=2, rate=2.0, dropped=0, sampled=48)
+    assert quick["ok"] and quick["next_rate"] is None and "keeps up" in quick["note"]
+    slow = calibrate([20.0] * 8 + [100.0, 100.0], fps=15.0, interval=2, rate=2.0, dropped=0, sampled=48)
+    assert not slow["ok"] and slow["next_rate"] == 0.67  # the slow frames (p90: 100 ms) fit in half of 133 ms x 2/0.67
+    assert "needed up to 100 ms (p90)" in slow["note"] and "trying 0.67x" in slow["note"]
+    # Fast enough on average, but frames were dropped (a busy CPU delivers them in bursts): half the rate.
+    bursty = calibrate([10.0] * 10, fps=15.0, interval=2, rate=2.0, dropped=9, sampled=48)
+    assert not bursty["ok"] and bursty["next_rate"] == 1.0 and "dropped 9 of 48" in bursty["note"]
+    assert calibrate([10.0] * 10, fps=15.0, interval=2, rate=2.0, dropped=0, sampled=100)["ok"]
+    nothing = calibrate([], fps=15.0, interval=2, rate=2.0, dropped=48, sampled=48)
+    assert not nothing["ok"] and nothing["next_rate"] == 1.0
 
 
 def test_live_demo_verdict_says_when_the_machine_could_not_keep_up():

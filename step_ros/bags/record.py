@@ -145,8 +145,8 @@ def _storage_plugin(storage: str):
 def _prepare_target(bag_path: Path, overwrite: bool) -> None:
     if bag_path.exists() or bag_path.is_symlink():
         if not overwrite:
-            raise FileExistsError(f"{bag_path} exists already; choose another bag path or pass overwrite=True "
-                                  f"(--overwrite)")
+            raise FileExistsError(f"{bag_path} exists already: record to another --out, or replace it with "
+                                  f"--overwrite")
         if bag_path.is_dir() and (bag_path / "metadata.yaml").is_file():
             shutil.rmtree(bag_path)
         else:  # never delete something that does not look like a bag

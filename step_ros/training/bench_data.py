@@ -143,6 +143,10 @@ def run_data_bench(args: argparse.Namespace) -> dict:
     small = work / "small.csv"
     n_small = _subset_csv(big, small, args.per_class)
     n_large = _subset_csv(big, work / "large.csv", large_per_class)
+    if n_small < args.batch_size:  # the memory peaks would compare a part batch with full ones
+        raise SystemExit(f"--per-class {args.per_class} gives {n_small} small-set videos, fewer than --batch-size "
+                         f"{args.batch_size}: raise --per-class or lower --batch-size so that both sets train on "
+                         "full batches")
     large = work / "large.csv"
     env2 = {"OMP_NUM_THREADS": str(args.threads)}
     base = [py, "-m", "step_ros"]

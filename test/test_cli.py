@@ -90,6 +90,11 @@ def test_live_demo_calibration_slows_the_bag_only_when_the_node_is_too_slow():
     assert calibrate([10.0] * 10, fps=15.0, interval=2, rate=2.0, dropped=0, sampled=100)["ok"]
     nothing = calibrate([], fps=15.0, interval=2, rate=2.0, dropped=48, sampled=48)
     assert not nothing["ok"] and nothing["next_rate"] == 1.0
+    # One very slow play (p90 1 s): at most 4x slower per step, never below MIN_RATE.
+    assert calibrate([1000.0] * 10, fps=15.0, interval=2, rate=2.0, dropped=20, sampled=48)["next_rate"] == 0.5
+    assert calibrate([1000.0] * 10, fps=15.0, interval=2, rate=0.3, dropped=20, sampled=48)["next_rate"] == 0.25
+    floor = calibrate([1000.0] * 10, fps=15.0, interval=2, rate=0.25, dropped=20, sampled=48)
+    assert not floor["ok"] and floor["next_rate"] is None and "not trying slower than 0.25x" in floor["note"]
 
 
 def test_live_demo_verdict_says_when_the_machine_could_not_keep_up():

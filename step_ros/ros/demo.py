@@ -107,6 +107,7 @@ class _LiveListener:
         self.lock = threading.Lock()
         self.image_arrival: dict[int, float] = {}
         self.records: list[dict] = []
+        self.echo = True  # one printed line per prediction (off while calibrating)
         self.context = Context()
         rclpy.init(context=self.context)
         self.node = rclpy.create_node("step_ros_live_demo", context=self.context)
@@ -175,7 +176,8 @@ class _LiveListener:
             self.records.append(rec)
         t = (stamp - self.t0_ns) / 1e9 if self.t0_ns is not None else stamp / 1e9
         seg_text = f"seg {seg.index:3d}" if seg else "seg   -"
-        print(f"{t:7.2f}s {seg_text} #{msg.sequence:<5d} " + " | ".join(parts), flush=True)
+        if self.echo:
+            print(f"{t:7.2f}s {seg_text} #{msg.sequence:<5d} " + " | ".join(parts), flush=True)
 
     def latencies(self) -> list[float]:
         with self.lock:
@@ -256,6 +258,12 @@ CALIBRATION_HEADROOM = 0.5
 CALIBRATION_PERCENTILE = 90
 #: At most this many calibration plays (each of 3 windows' worth of frames).
 CALIBRATION_STEPS = 4
+#: A rate that passed after a slower-down is played at this share of it (measured: a training run
+#: beside the demo dropped 0 of 48 sampled frames in calibration at 1x, then 57 of 640 in the run).
+CALIBRATION_MARGIN = 0.75
+#: Never slower than this (the demo bag then plays for about 10 minutes); below it the verdict
+#: says the machine could not keep up.
+MIN_RATE = 0.25
 
 
 def calibrate(latencies_ms: list[float], fps: float, interval: int, rate: float, dropped: int = 0,
@@ -273,7 +281,7 @@ def calibrate(latencies_ms: list[float], fps: float, interval: int, rate: float,
     """
     period_ms = interval * 1000.0 / (fps * rate)
     if not latencies_ms:
-        return {"rate": rate, "ok": sampled == 0, "next_rate": max(0.05, round(rate / 2, 2)) if sampled else None,
+        return {"rate": rate, "ok": sampled == 0, "next_rate": max(MIN_RATE, round(rate / 2, 2)) if sampled else None,
                 "note": f"at {rate:g}x: no prediction" + (f" ({dropped} of {sampled} sampled frames dropped)"
                                                          if sampled else "")}
     need_ms = float(np.percentile(latencies_ms, CALIBRATION_PERCENTILE))
@@ -288,7 +296,11 @@ def calibrate(latencies_ms: list[float], fps: float, interval: int, rate: float,
         return out
     fastest = rate * CALIBRATION_HEADROOM * period_ms / need_ms
     nxt = min(fastest, rate / 2) if not drops_ok else fastest
-    out["next_rate"] = max(0.05, round(min(nxt, rate * 0.9), 2))
+    if rate <= MIN_RATE:
+        out["note"] = what + f": not trying slower than {MIN_RATE:g}x"
+        return out
+    nxt = max(nxt, rate / 4)  # one noisy play must not make the demo last an hour
+    out["next_rate"] = max(MIN_RATE, round(min(nxt, rate * 0.9), 2))
     out["note"] = what + f": trying {out['next_rate']:g}x"
     return out
 
@@ -374,6 +386,10 @@ def run_live_demo(args: argparse.Namespace) -> int:
             step("4/5", f"calibrating: the bag's first {warm} frames, at {rate:g}x and slower until the node keeps up "
                         "on this machine, now")
             steps = []
+            listener.echo = False  # calibration predictions are measured, not shown or scored
+            # A first, unmeasured play: the node's first windows allocate, fill and build its caches
+            # (measured here: p90 above 1 s on the first play, 160 ms once warm).
+            play(bag, rate=rate, wait_for_subscribers=2, wait_timeout_s=10.0, max_messages=warm)
             for _ in range(CALIBRATION_STEPS):
                 time.sleep(1.5)  # a fresh /diagnostics before
                 start = listener.counters()
@@ -390,8 +406,14 @@ def run_live_demo(args: argparse.Namespace) -> int:
                     break
                 rate = result["next_rate"]
             calibration["steps"] = steps
+            if steps and steps[-1]["ok"] and rate < float(getattr(args, "rate", 1.0) or 1.0):
+                # The load came and went during a short play: keep a margin below the rate that passed.
+                rate = max(MIN_RATE, round(rate * CALIBRATION_MARGIN, 2))
+                console.print(f"      playing at {rate:g}x ({CALIBRATION_MARGIN:g} of the rate that passed: "
+                              "the load varies)")
             calibration["rate"] = rate
             listener.clear()
+            listener.echo = True
         time.sleep(1.5)  # a fresh /diagnostics: the counters before the run
         before = listener.counters()
         step("5/5", f"playing the bag at {rate:g}x ({span / rate:.0f} s). Columns: camera time, segment, sequence; "

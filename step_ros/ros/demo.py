@@ -294,11 +294,11 @@ def calibrate(latencies_ms: list[float], fps: float, interval: int, rate: float,
     if out["ok"]:
         out["note"] = what + ": it keeps up"
         return out
-    fastest = rate * CALIBRATION_HEADROOM * period_ms / need_ms
-    nxt = min(fastest, rate / 2) if not drops_ok else fastest
     if rate <= MIN_RATE:
         out["note"] = what + f": not trying slower than {MIN_RATE:g}x"
         return out
+    fastest = rate * CALIBRATION_HEADROOM * period_ms / need_ms  # where the p90 latency would fit
+    nxt = fastest if drops_ok else min(fastest, rate / 2)
     nxt = max(nxt, rate / 4)  # one noisy play must not make the demo last an hour
     out["next_rate"] = max(MIN_RATE, round(min(nxt, rate * 0.9), 2))
     out["note"] = what + f": trying {out['next_rate']:g}x"
@@ -406,7 +406,7 @@ def run_live_demo(args: argparse.Namespace) -> int:
                     break
                 rate = result["next_rate"]
             calibration["steps"] = steps
-            if steps and steps[-1]["ok"] and rate < float(getattr(args, "rate", 1.0) or 1.0):
+            if steps and steps[-1]["ok"] and rate < calibration["asked_rate"]:
                 # The load came and went during a short play: keep a margin below the rate that passed.
                 rate = max(MIN_RATE, round(rate * CALIBRATION_MARGIN, 2))
                 console.print(f"      playing at {rate:g}x ({CALIBRATION_MARGIN:g} of the rate that passed: "

@@ -390,12 +390,13 @@ def run_live_demo(args: argparse.Namespace) -> int:
             # A first, unmeasured play: the node's first windows allocate, fill and build its caches
             # (measured here: p90 above 1 s on the first play, 160 ms once warm).
             play(bag, rate=rate, wait_for_subscribers=2, wait_timeout_s=10.0, max_messages=warm)
+            time.sleep(1.5)  # the last predictions and a fresh /diagnostics
+            end = listener.counters()
             for _ in range(CALIBRATION_STEPS):
-                time.sleep(1.5)  # a fresh /diagnostics before
-                start = listener.counters()
+                start = end  # one play's counters after are the next one's before
                 listener.clear()
                 play(bag, rate=rate, wait_for_subscribers=2, wait_timeout_s=10.0, max_messages=warm)
-                time.sleep(1.5)  # the last predictions and a fresh /diagnostics after
+                time.sleep(1.5)  # the last predictions and a fresh /diagnostics
                 end = listener.counters()
                 result = calibrate(listener.latencies(), fps, interval, rate,
                                    dropped=end.get("dropped_busy", 0) - start.get("dropped_busy", 0),

@@ -271,12 +271,17 @@ def _median(values) -> float:
     return statistics.median(finite) if finite else math.nan
 
 
+def _flowing(diags: list, fps: float) -> list[tuple[float, dict]]:
+    """(time, values) of the diagnostics periods in which frames were arriving (at over half ``fps``)."""
+    return [(t, v) for t, v, _, _ in diags if float(v.get("input rate (Hz)", "nan")) > 0.5 * fps]
+
+
 def _debug_report(listener: _Listener, diags: list, fps: float, png: Path) -> dict:
     """The node's compute per sampled frame without and with a debug-image subscriber, and the
     newest debug image as a PNG."""
     since = listener.debug_since or math.inf
     settle = 2.0  # the subscription reaches the node
-    flowing = [(t, v) for t, v, _, _ in diags if float(v.get("input rate (Hz)", "nan")) > 0.5 * fps]
+    flowing = _flowing(diags, fps)
 
     def median(rows: list, key: str) -> float:
         return _median(float(v[key]) for _, v in rows if v.get(key, "-") != "-")
@@ -326,10 +331,9 @@ def _report(actions, diags, rss, sent_stamps, frames, fps, interval, duration, m
             return math.nan
 
     # steady-state rates from the diagnostics periods while frames were flowing
-    rates = [(float(v.get("inference rate (Hz)", "nan")), float(v.get("published rate (Hz)", "nan")),
-              float(v.get("input rate (Hz)", "nan")), float(v.get("compute median (ms)", "nan")))
-             for _, v, _, _ in diags]
-    flowing = [r for r in rates if r[2] > 0.5 * fps]
+    flowing = [(float(v.get("inference rate (Hz)", "nan")), float(v.get("published rate (Hz)", "nan")),
+                float(v.get("input rate (Hz)", "nan")), float(v.get("compute median (ms)", "nan")))
+               for _, v in _flowing(diags, fps)]
     warm = [(f, m) for _, f, m in rss if f >= tenth]  # after the first 10 % (allocator / cache warm-up)
     levels = {}
     for _, _, level, message in diags:

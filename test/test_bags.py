@@ -196,15 +196,17 @@ def test_replay_eval_equals_offline_predictions(bag_set, tmp_path):
     per_segment = len(range(span - 1, NUM_FRAMES, manifest.frame_interval))  # frames 6, 8, 10
     assert report["num_predictions"] == n_seg * per_segment == report["num_matched"]
     assert report["resets"] == {"gap": n_seg - 1}
-    assert report["frames"]["decoded"] == n_seg * NUM_FRAMES and report["frames"]["undecodable"] == 0
+    assert report["frames"]["valid"] == n_seg * NUM_FRAMES and report["frames"]["undecodable"] == 0
     assert report["frames"]["backbone_passes"] == n_seg * NUM_FRAMES // manifest.frame_interval
-    assert report["segments"]["with_predictions"] == n_seg
+    assert report["pipeline"] == "batched" and report["settings"]["runner"] == "indexed batches"
+    assert all(v["with_scored_windows"] == v["total"] == n_seg for v in report["intervals"].values())
     fine = report["tasks"]["fine_action"]["contexts"]["all"]
     assert fine["n"] == report["num_predictions"] and 0 <= fine["top1"] <= 1 and fine["within_pair"] is not None
     assert fine["n_symmetric"] == 12 * per_segment
-    assert report["latency"]["n"] == report["num_predictions"] and report["latency"]["p95_ms"] > 0
-    for name in ("report.json", "latency.png", *(f"timeline_{t}.png" for t in manifest.tasks)):
+    assert report["latency"]["n"] == 0  # batched: no per-prediction latency (the stream pipeline measures it)
+    for name in ("report.json", "predictions.csv", *(f"timeline_{t}.png" for t in manifest.tasks)):
         assert (tmp_path / "eval" / name).stat().st_size > 0
+    assert not (tmp_path / "eval" / "latency.png").exists()
     dataset = load_annotations(bag_set["csv"])
     by_segment: dict[int, list[tuple[dict, int]]] = {}
     for p in report["predictions"]:
@@ -224,10 +226,13 @@ def test_replay_eval_equals_offline_predictions(bag_set, tmp_path):
                 assert got["label"] == spec.labels[int(np.argmax(expected[spec.task]))]
                 assert got["true"] == sample.labels[spec.task]
 
-    # the sqlite3 bag through the exact fast STEP engine gives the same predictions
-    fast = replay_eval(bag_set["bags"]["sqlite3"], bag_set["manifest"], None, runner="fast", save_probs=True,
-                       progress=False, quiet=True)
+    # the sqlite3 bag through the live engine frame by frame (exact fast STEP heads) gives the same
+    # predictions, and measures the compute latency of each
+    fast = replay_eval(bag_set["bags"]["sqlite3"], bag_set["manifest"], tmp_path / "stream", pipeline="stream",
+                       runner="fast", save_probs=True, progress=False, quiet=True)
     assert fast["settings"]["runner"] == "FastStepRunner"
+    assert fast["latency"]["n"] == fast["num_predictions"] and fast["latency"]["p95_ms"] > 0
+    assert (tmp_path / "stream" / "latency.png").stat().st_size > 0
     assert len(fast["predictions"]) == len(report["predictions"])
     for a, b in zip(report["predictions"], fast["predictions"]):
         assert a["stamp"] == b["stamp"]
@@ -257,7 +262,7 @@ def test_compressed_bag_replays_through_the_cli_functions(bag_set, tmp_path):
     assert replay_mod.main(args) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["image_type"] == COMPRESSED_TYPE and report["image_topic"] == "/camera/image_raw/compressed"
-    assert report["frames"]["decoded"] == 4 * NUM_FRAMES and report["frames"]["undecodable"] == 0
+    assert report["frames"]["valid"] == 4 * NUM_FRAMES and report["frames"]["undecodable"] == 0
     assert report["num_predictions"] == report["num_matched"] == 4 * 3
     assert report["settings"]["alpha"] == 0.5
 
@@ -320,9 +325,9 @@ def test_undecodable_images_are_skipped_and_counted(bag_set, tmp_path):
 
     report = replay_eval(write(tmp_path / "mixed", 5), bag_set["manifest"], progress=False, quiet=True,
                          model=bag_set["model"], min_frames=1)
-    assert report["frames"]["undecodable"] == 3 and report["frames"]["decoded"] == NUM_FRAMES - 3
+    assert report["frames"]["undecodable"] == 3 and report["frames"]["valid"] == NUM_FRAMES - 3
     assert all("16UC1" in reason for reason in report["frames"]["undecodable_reasons"])
-    assert report["ground_truth_topic"] is None and report["num_predictions"] > 0
+    assert report["truth"]["sources"] == [] and report["num_predictions"] > 0
     with pytest.raises(BagError, match=r"/cam.*no decodable image.*16UC1"):
         replay_eval(write(tmp_path / "allbad", None, good=False), bag_set["manifest"], progress=False, quiet=True,
                     model=bag_set["model"])

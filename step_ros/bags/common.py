@@ -14,6 +14,7 @@ handed to the model as float seconds, as the node does.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sqlite3
 import struct
@@ -26,7 +27,11 @@ from typing import Any
 import cv2
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "BagReader",
+    "ROS1_SUFFIX",
     "BagError",
     "ImageDecodeError",
     "COMPRESSED_TYPE",
@@ -291,9 +296,10 @@ _READ_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def _rosbags_errors() -> tuple[type[BaseException], ...]:
+    from rosbags.rosbag1 import ReaderError as Reader1Error
     from rosbags.rosbag2 import ReaderError
 
-    errors: list[type[BaseException]] = [ReaderError]
+    errors: list[type[BaseException]] = [ReaderError, Reader1Error]
     try:
         from rosbags.interfaces import ConnectionError as RbConnectionError  # type: ignore[attr-defined]
 
@@ -303,46 +309,137 @@ def _rosbags_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors) + _READ_ERRORS
 
 
-@contextmanager
-def open_bag(path: str | os.PathLike[str]) -> Iterator[Any]:
-    """Open a rosbag2 (a bag folder, or a single ``.mcap`` / ``.db3`` file) for reading.
+ROS1_SUFFIX = ".bag"
 
-    Every failure -- missing path, unreadable metadata, truncated or garbage storage file --
-    is raised as :class:`BagError` naming the bag. Errors raised later while iterating are
-    wrapped by :func:`iter_messages`.
+
+class BagReader:
+    """One bag open for reading, whoever wrote it: ROS 2 (a rosbag2 folder, or one ``.mcap`` /
+    ``.db3`` file) or ROS 1 (a ``.bag`` file), through rosbags' own readers.
+
+    Messages are deserialized with the types the bag itself carries (MCAP schemas, rosbag2's
+    stored definitions, ROS 1 connection headers), so custom message types of other projects
+    decode too; types the bag does not define come from the standard set (ROS 2 Kilted and the
+    project's messages, or ROS 1 Noetic).
     """
-    from rosbags.rosbag2 import Reader
 
+    def __init__(self, path: Path, reader: Any, ros_version: int) -> None:
+        self.path = path
+        self.reader = reader
+        self.ros_version = ros_version
+        self.connections = list(reader.connections)
+        self.store = self._build_typestore()
+
+    def _build_typestore(self) -> Any:
+        from rosbags.interfaces import MessageDefinitionFormat
+        from rosbags.typesys import Stores, get_typestore, get_types_from_idl, get_types_from_msg
+
+        types: dict = {}
+        for conn in self.connections:
+            fmt, data = conn.msgdef.format, conn.msgdef.data
+            try:
+                if fmt == MessageDefinitionFormat.MSG and data:
+                    types.update(get_types_from_msg(data, conn.msgtype))
+                elif fmt == MessageDefinitionFormat.IDL and data:
+                    sep = "=" * 80 + "\n"
+                    parts = data.split(sep)[1:] if data.startswith(f"{sep}IDL: ") else [data]
+                    for part in parts:
+                        types.update(get_types_from_idl(part.split("\n", 1)[1] if part.startswith("IDL: ") else part))
+            except Exception as exc:  # noqa: BLE001 - a definition we cannot parse: the standard type is used
+                log.warning("bag %s: cannot parse the stored definition of %s (%s); using the standard one",
+                            self.path, conn.msgtype, exc)
+        base = get_typestore(Stores.ROS1_NOETIC) if self.ros_version == 1 else typestore()
+        for name, fields in base.fielddefs.items():
+            types.setdefault(name, fields)
+        store = get_typestore(Stores.EMPTY)
+        store.register(types)
+        return store
+
+    @property
+    def topics(self) -> dict[str, Any]:
+        return self.reader.topics
+
+    @property
+    def start_time(self) -> int:
+        return self.reader.start_time
+
+    @property
+    def end_time(self) -> int:
+        return self.reader.end_time
+
+    def messages(self, connections: Iterable[Any] | None = None) -> Iterator[tuple[Any, int, bytes]]:
+        """Messages in time order: of every connection (``None``), or of those given (none: nothing)."""
+        if connections is None:
+            return self.reader.messages()
+        conns = list(connections)
+        return self.reader.messages(connections=conns) if conns else iter(())
+
+    def deserialize(self, rawdata: bytes, msgtype: str) -> Any:
+        """A message object of ``msgtype`` from the bag's bytes (CDR for ROS 2, ROS 1 serialization)."""
+        if self.ros_version == 1:
+            return self.store.deserialize_ros1(rawdata, msgtype)
+        return self.store.deserialize_cdr(rawdata, msgtype)
+
+    def to_cdr(self, rawdata: bytes, msgtype: str) -> bytes:
+        """The message as ROS 2 CDR bytes (what ``rclpy`` publishes), converting ROS 1 messages."""
+        if self.ros_version == 1:
+            return bytes(self.store.ros1_to_cdr(rawdata, msgtype))
+        return bytes(rawdata)
+
+
+@contextmanager
+def open_bag(path: str | os.PathLike[str]) -> Iterator[BagReader]:
+    """Open a bag for reading: a rosbag2 folder, one ``.mcap`` / ``.db3`` file, or a ROS 1 ``.bag``.
+
+    Every failure -- missing path, unreadable metadata, truncated or garbage storage file, an
+    unindexed ROS 1 bag -- is raised as :class:`BagError` naming the bag. Errors raised later
+    while iterating are wrapped by :func:`iter_messages`.
+    """
     path = Path(path)
     if not path.exists():
         raise BagError(f"bag not found: {path}")
+    ros1 = path.is_file() and path.suffix == ROS1_SUFFIX
     if path.is_dir() and not (path / "metadata.yaml").is_file():
         raise BagError(f"{path}: not a rosbag2 folder (no metadata.yaml); pass the bag folder, "
-                       f"or a .mcap / .db3 storage file")
+                       f"a .mcap / .db3 storage file or a ROS 1 .bag file")
     try:
-        reader = Reader(path)
-        reader.open()
+        if ros1:
+            from rosbags.rosbag1 import Reader as Reader1
+
+            raw_reader: Any = Reader1(path)
+        else:
+            from rosbags.rosbag2 import Reader
+
+            raw_reader = Reader(path)
+        raw_reader.open()
     except _rosbags_errors() as exc:
         hint = ""
-        if "magic" in str(exc).lower() and (path.suffix == ".mcap" or any(path.glob("*.mcap"))):
+        if "magic" in str(exc).lower() and (path.suffix == ".mcap" or (path.is_dir() and any(path.glob("*.mcap")))):
             hint = "; an MCAP recording that was killed lacks its summary: `mcap recover` can repair it"
-        raise BagError(f"cannot read bag {path}: corrupt, truncated or not a rosbag2 ({type(exc).__name__}: "
+        elif ros1 and "index" in str(exc).lower():
+            hint = "; `rosbag reindex` (ROS 1) rebuilds the index of a bag whose recording was killed"
+        kind = "ROS 1 bag" if ros1 else "rosbag2"
+        raise BagError(f"cannot read bag {path}: corrupt, truncated or not a {kind} ({type(exc).__name__}: "
                        f"{exc}){hint}") from exc
     try:
+        try:
+            reader = BagReader(path, raw_reader, 1 if ros1 else 2)
+        except Exception as exc:  # noqa: BLE001 - conflicting type definitions and the like
+            raise BagError(f"cannot read the message types of bag {path} ({type(exc).__name__}: {exc})") from exc
         yield reader
     finally:
         try:
-            reader.close()
+            raw_reader.close()
         except Exception:  # noqa: BLE001 - closing a broken bag must not mask the real error
             pass
 
 
-def iter_messages(reader: Any, path: str | os.PathLike[str], connections: Iterable[Any] = ()
+def iter_messages(reader: BagReader, path: str | os.PathLike[str], connections: Iterable[Any] | None = None
                   ) -> Iterator[tuple[Any, int, bytes]]:
-    """``reader.messages(connections)`` with storage errors raised as :class:`BagError`."""
+    """``reader.messages(connections)`` (``None``: every connection; an empty list: nothing) with
+    storage errors raised as :class:`BagError`."""
     count = 0
     try:
-        for item in reader.messages(list(connections)):
+        for item in reader.messages(None if connections is None else list(connections)):
             count += 1
             yield item
     except _rosbags_errors() as exc:
@@ -351,7 +448,10 @@ def iter_messages(reader: Any, path: str | os.PathLike[str], connections: Iterab
 
 
 def deserialize(rawdata: bytes, msgtype: str) -> Any:
-    """CDR bytes to a rosbags message object (errors are the caller's to name)."""
+    """CDR bytes to a message object of the standard typestore (errors are the caller's to name).
+
+    For messages read from a bag use :meth:`BagReader.deserialize`, which knows the bag's
+    own types and ROS 1 serialization."""
     return typestore().deserialize_cdr(rawdata, msgtype)
 
 

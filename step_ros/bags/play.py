@@ -162,7 +162,7 @@ def play(
                     if stop.is_set():
                         break
                     try:
-                        msg = deserialize_message(bytes(raw), classes[conn.topic])
+                        msg = deserialize_message(reader.to_cdr(raw, conn.msgtype), classes[conn.topic])
                     except Exception as exc:  # noqa: BLE001 - one corrupt message is skipped, not fatal
                         log.warning("play: skipping an undecodable %s message on %s (%s)", conn.msgtype,
                                     conn.topic, exc)

@@ -1,35 +1,36 @@
-"""``step-ros replay-eval``: run the node's exact pipeline over a bag, as fast as possible, and score it.
+"""``step-ros replay-eval``: run the node's pipeline over a bag, as fast as possible, and score it.
 
-No ROS is involved: the bag is read with ``rosbags``, images are decoded to RGB, and every
-frame goes through the same :class:`~step_ros.model.streaming.StreamingEngine` (window
-sampling, resets on gaps / time going backwards / size changes, one backbone pass per sampled
-frame) and :class:`~step_ros.model.streaming.PredictionSmoother` as in the node. Each
-prediction is matched to the ground-truth segment (``/ground_truth``, written by
-``step-ros record``) whose ``[window_start, stamp]`` contains the prediction's window.
+No ROS is involved: the bag (ROS 2 MCAP or sqlite3, or ROS 1, whoever wrote it) is read with
+``rosbags``; images are checked and converted by the node's own code
+(:mod:`step_ros.ros.conversions`), sampled by the node's
+:class:`~step_ros.model.streaming.WindowSchedule` and smoothed by its
+:class:`~step_ros.model.streaming.PredictionSmoother`.  Two pipelines compute the same
+predictions:
 
-Report (JSON + console tables): per task, accuracy overall / on nearly symmetric / on
-non-symmetric classes / within symmetric pairs, per context; coverage and accuracy of the
-confident predictions; window resets by reason; undecodable images; compute latency per
-prediction (median, p95, max); replay throughput; the list of predictions. Figures: a timeline
-per task (predicted vs true label over bag time) and a latency histogram.
+- ``batched`` (default): a reader thread decodes ahead (only the sampled frames), the backbone
+  runs on batches of sampled frames and the heads on batches of due windows
+  (:class:`~step_ros.model.batched.BatchedEngine`);
+- ``stream``: the live :class:`~step_ros.model.streaming.StreamingEngine`, one frame at a time,
+  which also measures the compute latency per prediction a robot would see.
 
+Ground truth comes from the project's ``/ground_truth`` topic, label topics or annotation files
+(:mod:`step_ros.bags.truth`); the metrics are those a planner needs (:mod:`step_ros.bags.metrics`).
 Any other ``step_ros/msg/HumanAction`` topic in the bag (a live ``/human_action`` recording of
-the node) is scored against the same ground truth, in ``report["recorded"]``.
+the node) is scored against the same truth, in ``report["recorded"]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
-import json
+import csv
 import logging
+import math
 import os
 import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,73 +39,42 @@ from tqdm import tqdm
 
 from ..model.manifest import HeadSpec, Manifest, load_manifest
 from ..model.streaming import PredictionSmoother, ReferenceRunner, StreamingEngine
+from ..ros import conversions
 from .common import (
-    DEFAULT_IMAGE_TOPIC,
     GROUND_TRUTH_TOPIC,
     HUMAN_ACTION_TYPE,
     IMAGE_TYPE,
     IMAGE_TYPES,
     SEGMENT_TOPIC,
-    STRING_TYPE,
     BagError,
-    ImageDecodeError,
-    deserialize,
+    BagReader,
     iter_messages,
-    msg_to_rgb,
     ns_to_seconds,
     open_bag,
     time_to_seconds,
 )
+from .metrics import Record, score
+from .truth import TIME_BASES, Truth, TruthError, from_annotation_file, from_label_topic, from_project_topic, \
+    parse_mapping
 
 log = logging.getLogger(__name__)
 
-__all__ = ["replay_eval", "Segment", "read_ground_truth", "find_image_topic", "plot_timeline",
-           "add_arguments", "main"]
+__all__ = ["replay_eval", "find_image_topic", "load_truth", "plot_timeline", "PIPELINES", "RUNNERS", "add_arguments",
+           "main"]
 
-#: Stamps are compared after a float conversion of integer nanoseconds; allow for rounding.
-_EPS = 1e-6
+PIPELINES = ("batched", "stream")
 _PREFETCH = 64
-
-
-@dataclass
-class Segment:
-    """One ground-truth segment: true labels over ``[window_start, stamp]`` (bag time, s)."""
-
-    index: int
-    window_start: float
-    stamp: float
-    labels: dict[str, str]
-    context: str | None = None
-    split: str | None = None
-    video: str | None = None
-    start_frame: int | None = None
-    fps: float | None = None
-    num_frames: int | None = None
-
-
-@dataclass
-class _Record:
-    """One prediction (replayed or recorded) with its match."""
-
-    stamp: float
-    window_start: float
-    complete: bool
-    labels: dict[str, str]  # task -> predicted label (top-1 after smoothing)
-    confidence: dict[str, float]
-    confident: dict[str, bool]
-    stable: dict[str, bool] = field(default_factory=dict)
-    probs: dict[str, np.ndarray] = field(default_factory=dict)
-    top_k: dict[str, list] = field(default_factory=dict)
-    compute_ms: float | None = None
-    segment: Segment | None = None
 
 
 # --------------------------------------------------------------------------- bag contents
 
 
 def find_image_topic(topics: dict[str, tuple[str | None, int]], bag: str, requested: str | None) -> tuple[str, str]:
-    """``(topic, msgtype)`` of the image topic: ``requested`` (checked), or the only / the
-    default / the largest Image or CompressedImage topic."""
+    """``(topic, msgtype)`` of the image topic: ``requested`` (checked), or the only one.
+
+    With several Image / CompressedImage topics and none named, it is an error listing them:
+    guessing which camera to evaluate would score the wrong one silently.
+    """
     images = {t: (ty, n) for t, (ty, n) in topics.items() if ty in IMAGE_TYPES}
     listing = ", ".join(f"{t} [{ty}]" for t, (ty, _) in sorted(topics.items())) or "none"
     if requested is not None:
@@ -116,17 +86,31 @@ def find_image_topic(topics: dict[str, tuple[str | None, int]], bag: str, reques
         return requested, images[requested][0]
     if not images:
         raise BagError(f"bag {bag} has no image topic ({' or '.join(IMAGE_TYPES)}); its topics: {listing}")
-    if len(images) == 1:
-        topic = next(iter(images))
-    else:
-        preferred = [t for t in (DEFAULT_IMAGE_TOPIC, DEFAULT_IMAGE_TOPIC + "/compressed") if t in images]
-        topic = preferred[0] if preferred else max(images, key=lambda t: (images[t][0] == IMAGE_TYPE, images[t][1]))
-        log.warning("bag %s has several image topics (%s); using %s (choose with image_topic=)", bag,
-                    ", ".join(sorted(images)), topic)
+    if len(images) > 1:
+        raise BagError(f"bag {bag} has {len(images)} image topics ({', '.join(sorted(images))}); choose one with "
+                       f"--image-topic")
+    topic = next(iter(images))
     return topic, images[topic][0]
 
 
-def _action_record(msg: Any) -> _Record:
+def _topic_table(reader: BagReader) -> dict[str, tuple[str | None, int]]:
+    return {t: (info.msgtype, info.msgcount) for t, info in reader.topics.items()}
+
+
+def _first_stamp(reader: BagReader, topic: str, use_log_time: bool) -> float | None:
+    """Stamp of the topic's first message: the zero of relative annotation times."""
+    conns = [c for c in reader.connections if c.topic == topic]
+    for conn, log_ns, raw in iter_messages(reader, reader.path, conns):
+        if use_log_time:
+            return ns_to_seconds(log_ns)
+        try:
+            return time_to_seconds(reader.deserialize(raw, conn.msgtype).header.stamp)
+        except Exception:  # noqa: BLE001 - an undecodable first image: the next one
+            continue
+    return None
+
+
+def _action_record(msg: Any) -> Record:
     """A recorded HumanAction as a prediction: the label, or its best guess top_k[0] if not confident."""
     labels, conf, confident, stable, top = {}, {}, {}, {}, {}
     for tp in msg.tasks:
@@ -136,108 +120,129 @@ def _action_record(msg: Any) -> _Record:
         confident[tp.task] = bool(tp.confident)
         stable[tp.task] = bool(tp.stable)
         top[tp.task] = [(str(s.label), round(float(s.score), 6)) for s in tp.top_k]
-    return _Record(stamp=time_to_seconds(msg.header.stamp), window_start=time_to_seconds(msg.window_start),
-                   complete=bool(msg.window_complete), labels=labels, confidence=conf, confident=confident,
-                   stable=stable, top_k=top)
+    return Record(stamp=time_to_seconds(msg.header.stamp), window_start=time_to_seconds(msg.window_start),
+                  complete=bool(msg.window_complete), labels=labels, confidence=conf, confident=confident,
+                  stable=stable, top_k=top)
 
 
-def read_ground_truth(
-    bag_path: str | os.PathLike[str],
-    ground_truth_topic: str = GROUND_TRUTH_TOPIC,
-    segment_topic: str = SEGMENT_TOPIC,
-) -> tuple[list[Segment], dict[str, list[_Record]]]:
-    """Ground-truth segments (sorted by time) and the recorded HumanAction topics' predictions.
+def _recorded_actions(reader: BagReader, exclude: set[str]) -> dict[str, list[Record]]:
+    """Every HumanAction topic that is not ground truth: a node's recorded output."""
+    conns = [c for c in reader.connections if c.msgtype == HUMAN_ACTION_TYPE and c.topic not in exclude]
+    out: dict[str, list[Record]] = {}
+    for conn, _, raw in iter_messages(reader, reader.path, conns):
+        try:
+            msg = reader.deserialize(raw, conn.msgtype)
+        except Exception as exc:  # noqa: BLE001
+            raise BagError(f"bag {reader.path}, topic {conn.topic}: cannot decode a {conn.msgtype} message "
+                           f"({type(exc).__name__}: {exc})") from exc
+        out.setdefault(conn.topic, []).append(_action_record(msg))
+    return out
 
-    Segments come from ``ground_truth_topic`` (HumanAction: true label per task, the segment's
-    first and last frame stamps); ``segment_topic`` (JSON strings, matched by segment index =
-    ``HumanAction.sequence``) adds video, frame range, fps, split and context when present.
+
+def load_truth(
+    reader: BagReader,
+    manifest: Manifest,
+    t0: float,
+    *,
+    truth_topics: list[str] | None = None,
+    truth_field: str = "data",
+    end_markers: tuple[str, ...] = ("",),
+    annotations: str | os.PathLike[str] | None = None,
+    annotation_time: str = "relative",
+    task_map: dict[str, str] | list[str] | None = None,
+    label_map: dict[str, str] | list[str] | None = None,
+    ignore_labels: list[str] | tuple[str, ...] = (),
+) -> Truth:
+    """The bag's ground truth from the sources named (docs/BAGS.md, "Ground truth sources").
+
+    ``truth_topics``: ``TOPIC`` or ``TOPIC=TASK`` each; a HumanAction topic is read as the
+    project's format (every task), any other type as a label topic of one task (field
+    ``truth_field``).  Nothing named: ``/ground_truth`` when the bag has it.  ``annotations``:
+    a ``.csv`` / ``.json`` / ELAN ``.eaf`` file.  A task may have one source only.
     """
-    gt_msgs: list[Any] = []
-    info: dict[int, dict] = {}
-    recorded: dict[str, list[_Record]] = {}
-    with open_bag(bag_path) as reader:
-        wanted = [c for c in reader.connections if c.msgtype == HUMAN_ACTION_TYPE
-                  or (c.topic == segment_topic and c.msgtype == STRING_TYPE)]
-        if not wanted:
-            return [], {}
-        for conn, _, raw in iter_messages(reader, bag_path, wanted):
-            try:
-                msg = deserialize(raw, conn.msgtype)
-            except Exception as exc:  # noqa: BLE001 - any CDR decoding failure
-                raise BagError(f"bag {bag_path}, topic {conn.topic}: cannot decode a {conn.msgtype} message "
-                               f"({type(exc).__name__}: {exc})") from exc
-            if conn.topic == segment_topic:
-                try:
-                    d = json.loads(msg.data)
-                    info[int(d["segment"])] = d
-                except (ValueError, KeyError, TypeError):
-                    log.warning("bag %s, topic %s: ignoring a message that is not segment JSON", bag_path,
-                                segment_topic)
-            elif conn.topic == ground_truth_topic:
-                gt_msgs.append(msg)
-            else:
-                recorded.setdefault(conn.topic, []).append(_action_record(msg))
-    segments = []
-    for m in gt_msgs:
-        d = info.get(int(m.sequence), {})
-        segments.append(Segment(
-            index=int(m.sequence), window_start=time_to_seconds(m.window_start), stamp=time_to_seconds(m.header.stamp),
-            labels={tp.task: tp.label for tp in m.tasks}, context=d.get("context"), split=d.get("split"),
-            video=d.get("video"), start_frame=d.get("start_frame"), fps=d.get("fps"), num_frames=d.get("num_frames"),
-        ))
-    segments.sort(key=lambda s: (s.window_start, s.stamp))
-    return segments, recorded
-
-
-class _Matcher:
-    """Finds the segment whose [window_start, stamp] contains a prediction's window."""
-
-    def __init__(self, segments: list[Segment]) -> None:
-        self.segments = segments  # sorted by window_start
-        self.starts = [s.window_start for s in segments]
-        self.max_stamp = np.maximum.accumulate([s.stamp for s in segments]) if segments else np.zeros(0)
-
-    def __call__(self, window_start: float, stamp: float) -> Segment | None:
-        i = bisect.bisect_right(self.starts, window_start + _EPS) - 1
-        # the latest-starting candidate first (segments may overlap in hand-made bags)
-        while i >= 0 and self.max_stamp[i] + _EPS >= stamp:
-            seg = self.segments[i]
-            if stamp <= seg.stamp + _EPS:
-                return seg
-            i -= 1
-        return None
+    topics = _topic_table(reader)
+    tasks = manifest.tasks
+    sources: list[tuple[str, list]] = []
+    named = list(truth_topics or [])
+    if not named and annotations is None and GROUND_TRUTH_TOPIC in topics:
+        named = [GROUND_TRUTH_TOPIC]
+    for item in named:
+        topic, _, task = str(item).partition("=")
+        if topic not in topics:
+            raise BagError(f"bag {reader.path} has no truth topic {topic!r}; its topics: {', '.join(sorted(topics))}")
+        msgtype = topics[topic][0]
+        if msgtype == HUMAN_ACTION_TYPE:
+            sources.append((f"topic {topic} (HumanAction segments)", from_project_topic(reader, topic, SEGMENT_TOPIC)))
+            continue
+        if not task:
+            if len(tasks) != 1:
+                raise TruthError(f"--truth-topic {topic}: name the task it labels, {topic}=TASK "
+                                 f"(tasks: {', '.join(tasks)})")
+            task = tasks[0]
+        if task not in tasks:
+            raise TruthError(f"--truth-topic {item}: {task!r} is not a task of the manifest ({', '.join(tasks)})")
+        sources.append((f"topic {topic} ({msgtype}, field {truth_field}) -> {task}",
+                        from_label_topic(reader, topic, task, truth_field, end_markers)))
+    if annotations is not None:
+        sources.append((f"file {annotations} ({annotation_time} time)", from_annotation_file(
+            annotations, tasks, t0, annotation_time, parse_mapping(task_map, "--task-map"))))
+    owner: dict[str, str] = {}
+    for name, ivs in sources:
+        for task in {iv.task for iv in ivs}:
+            if owner.setdefault(task, name) != name:
+                raise TruthError(f"task {task!r} has ground truth from two sources: {owner[task]} and {name}")
+    relabel = parse_mapping(label_map, "--label-map")
+    ignore = set(ignore_labels)
+    intervals = []
+    for _, ivs in sources:
+        for iv in ivs:
+            iv.label = relabel.get(iv.label, iv.label)
+            if iv.label not in ignore:
+                intervals.append(iv)
+    truth = Truth(intervals, [name for name, _ in sources])
+    truth.check(manifest, ns_to_seconds(reader.start_time), ns_to_seconds(reader.end_time))
+    return truth
 
 
 # --------------------------------------------------------------------------- frames
 
 
-def _decoded_frames(bag_path: Path, topic: str, stop: threading.Event, use_log_time: bool
-                    ) -> Iterator[tuple[float | None, np.ndarray | None, str | None]]:
-    """``(stamp_s, frame, None)`` per decodable image, ``(stamp_s | None, None, reason)`` otherwise."""
+def _frames(bag_path: Path, topic: str, stop: threading.Event, use_log_time: bool, offer: Callable[[], bool]
+            ) -> Iterator[tuple[str, float | None, Any]]:
+    """The node's intake, in bag order: ``("sampled", stamp, rgb)``, ``("skipped", stamp, None)``
+    (a valid frame the sampling passes over: never converted) or ``("invalid", stamp, reason)``.
+
+    As in the node's callback, the cheap header checks come first and only valid frames are
+    offered to the sampler; a sampled frame whose pixels then fail to decode is counted invalid.
+    """
     with open_bag(bag_path) as reader:
         conns = [c for c in reader.connections if c.topic == topic]
         for conn, log_ns, raw in iter_messages(reader, bag_path, conns):
             if stop.is_set():
                 return
             try:
-                msg = deserialize(raw, conn.msgtype)
-            except Exception as exc:  # noqa: BLE001 - corrupt CDR payload
-                yield None, None, f"undeserializable {conn.msgtype} ({type(exc).__name__})"
+                msg = reader.deserialize(raw, conn.msgtype)
+            except Exception as exc:  # noqa: BLE001 - corrupt payload
+                yield "invalid", None, f"undeserializable {conn.msgtype} ({type(exc).__name__})"
                 continue
             stamp = ns_to_seconds(log_ns) if use_log_time else time_to_seconds(msg.header.stamp)
             try:
-                frame = msg_to_rgb(msg, conn.msgtype)
-            except ImageDecodeError as exc:
-                yield stamp, None, str(exc)
-                continue
-            yield stamp, frame, None
+                if conn.msgtype == IMAGE_TYPE:
+                    conversions.validate_image(msg)
+                else:
+                    conversions.validate_compressed(msg)
+                if not offer():
+                    yield "skipped", stamp, None
+                    continue
+                yield "sampled", stamp, conversions.msg_to_rgb(msg)
+            except conversions.ImageError as exc:
+                yield "invalid", stamp, f"{exc.reason}: {exc}"
 
 
 def _prefetch(make: Callable[[threading.Event], Iterator[Any]], size: int = _PREFETCH) -> Iterator[Any]:
     """Run a generator in a thread (reading + decoding overlaps the model's compute)."""
     q: queue.Queue = queue.Queue(maxsize=size)
     stop = threading.Event()
-    done = object()
 
     def produce() -> None:
         try:
@@ -250,7 +255,7 @@ def _prefetch(make: Callable[[threading.Event], Iterator[Any]], size: int = _PRE
                         continue
                 if stop.is_set():
                     return
-            q.put(("end", done))
+            q.put(("end", None))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             q.put(("error", exc))
 
@@ -275,81 +280,6 @@ def _prefetch(make: Callable[[threading.Event], Iterator[Any]], size: int = _PRE
             thread.join(timeout=0.05)
 
 
-# --------------------------------------------------------------------------- scoring
-
-
-def _acc(mask: np.ndarray, correct: np.ndarray) -> float | None:
-    return round(float(correct[mask].mean()), 4) if mask.any() else None
-
-
-def _score_labels(spec: HeadSpec | None, pred: list[str], true: list[str], confident: list[bool],
-                  probs: np.ndarray | None) -> dict:
-    """Accuracy overall / nearly symmetric / non-symmetric (+ within pair from probs)."""
-    pred_a, true_a = np.array(pred, dtype=object), np.array(true, dtype=object)
-    correct = pred_a == true_a
-    sym_labels = spec.symmetric_labels if spec is not None else set()
-    is_sym = np.array([t in sym_labels for t in true], dtype=bool)
-    conf = np.array(confident, dtype=bool)
-    out = {
-        "n": int(len(true)),
-        "top1": _acc(np.ones(len(true), bool), correct),
-        "symmetric": _acc(is_sym, correct),
-        "non_symmetric": _acc(~is_sym, correct),
-        "n_symmetric": int(is_sym.sum()),
-        "confident_coverage": round(float(conf.mean()), 4) if len(conf) else None,
-        "confident_accuracy": _acc(conf, correct),
-        "within_pair": None,
-    }
-    if spec is not None and probs is not None and spec.symmetric_pairs and len(true):
-        within = []
-        for a, b in spec.symmetric_pairs:
-            ia, ib = spec.labels.index(a), spec.labels.index(b)
-            for own, twin, name in ((ia, ib, a), (ib, ia, b)):
-                rows = true_a == name
-                within.extend((probs[rows, own] > probs[rows, twin]).tolist())
-        out["within_pair"] = round(float(np.mean(within)), 4) if within else None
-    return out
-
-
-def _score(records: list[_Record], manifest: Manifest, gt_tasks: list[str], contexts: list[str]) -> dict:
-    """Per task and context scores of the matched, complete-window records."""
-    tasks: dict[str, dict] = {}
-    specs = {h.task: h for h in manifest.heads}
-    for task in gt_tasks:
-        spec = specs.get(task)
-        rows = [r for r in records if r.segment is not None and r.complete and task in r.labels
-                and task in r.segment.labels]
-        if spec is not None:
-            unknown = sum(1 for r in rows if r.segment.labels[task] not in spec.labels)
-            rows = [r for r in rows if r.segment.labels[task] in spec.labels]
-        else:
-            unknown = 0
-        by_ctx = {}
-        for ctx in ["all", *contexts]:
-            sel = rows if ctx == "all" else [r for r in rows if r.segment.context == ctx]
-            if not sel:
-                continue
-            probs = None
-            if spec is not None and all(task in r.probs for r in sel):
-                probs = np.stack([r.probs[task] for r in sel])
-            by_ctx[ctx] = _score_labels(spec, [r.labels[task] for r in sel], [r.segment.labels[task] for r in sel],
-                                        [r.confident.get(task, False) for r in sel], probs)
-        per_class = []
-        if spec is not None and rows:
-            for label in spec.labels:
-                sel = [r for r in rows if r.segment.labels[task] == label]
-                if not sel:
-                    continue
-                wrong = Counter(r.labels[task] for r in sel if r.labels[task] != label)
-                confused, count = wrong.most_common(1)[0] if wrong else (None, 0)
-                per_class.append({"label": label, "support": len(sel), "symmetric": label in spec.symmetric_labels,
-                                  "accuracy": round(sum(r.labels[task] == label for r in sel) / len(sel), 4),
-                                  "confused_with": confused, "confusion_rate": round(count / len(sel), 4)})
-        tasks[task] = {"contexts": by_ctx, "true_label_not_in_manifest": unknown, "per_class": per_class,
-                       "in_manifest": spec is not None}
-    return tasks
-
-
 def _latency(ms: list[float]) -> dict:
     if not ms:
         return {"n": 0, "median_ms": None, "p95_ms": None, "max_ms": None, "mean_ms": None}
@@ -359,53 +289,97 @@ def _latency(ms: list[float]) -> dict:
             "mean_ms": round(float(a.mean()), 3)}
 
 
+def _camera_rate(stamps: list[float], max_gap_s: float) -> float | None:
+    """Frames per second from the median step between consecutive valid frames (gaps excluded)."""
+    d = np.diff(np.asarray(stamps, dtype=np.float64))
+    d = d[(d > 0) & (d <= max_gap_s)]
+    return float(1.0 / np.median(d)) if d.size else None
+
+
 # --------------------------------------------------------------------------- figures
 
 
-def plot_timeline(spec: HeadSpec, records: list[dict], segments: list[Segment], path: str | Path,
-                  t0: float, title: str = "") -> Path:
-    """Predicted (dots: green right, red wrong) vs true label (grey bars) of one task over bag time.
-
-    Nearly symmetric classes are shaded orange and their names drawn in orange.
-    """
+def plot_timeline(spec: HeadSpec, records: list[dict], truth: Truth, path: str | Path, t0: float, t_end: float,
+                  title: str = "", row_s: float = 60.0, rows_per_page: int = 4) -> list[Path]:
+    """True label (grey bars) against every prediction (green right, red wrong, blue unlabelled
+    time) of one task over bag time, ``row_s`` seconds per row, ``rows_per_page`` rows per PNG
+    (``timeline_<task>.png``, then ``_2``, ``_3``... for long bags).  Nearly symmetric classes
+    are shaded and named in orange."""
     from ..figures import plt, save_figure
 
     task = spec.task
-    labels = list(spec.labels)
-    extra = sorted({s.labels[task] for s in segments if task in s.labels} - set(labels))
-    labels += extra  # true labels the model does not know, so they still show up
+    ivs = truth.by_task.get(task, [])
+    labels = list(spec.labels) + sorted({iv.label for iv in ivs} - set(spec.labels))
     row = {lab: i for i, lab in enumerate(labels)}
-    duration = max([r["stamp"] for r in records] + [s.stamp for s in segments] + [t0]) - t0
-    fig, ax = plt.subplots(figsize=(min(30.0, max(8.0, 6 + duration / 8)), max(3.0, 0.28 * len(labels) + 1.5)))
-    for lab in spec.symmetric_labels:
-        ax.axhspan(row[lab] - 0.5, row[lab] + 0.5, color="orange", alpha=0.12, lw=0)
-    for s in segments:
-        if task in s.labels:
-            ax.plot([s.window_start - t0, s.stamp - t0], [row[s.labels[task]]] * 2, color="0.35", lw=6, alpha=0.45,
-                    solid_capstyle="butt", label="true label" if s is segments[0] else None)
+    duration = max(t_end - t0, 1e-3)
+    n_rows = max(1, math.ceil(duration / row_s))
     xs = np.array([r["stamp"] - t0 for r in records])
     ys = np.array([row.get(r["tasks"][task]["label"], -1) for r in records]) if records else np.zeros(0)
     true = [r["tasks"][task].get("true") for r in records]
     ok = np.array([t is not None and r["tasks"][task]["label"] == t for r, t in zip(records, true)], dtype=bool)
     bad = np.array([t is not None and r["tasks"][task]["label"] != t for r, t in zip(records, true)], dtype=bool)
-    if len(xs):
-        ax.scatter(xs[ok], ys[ok], s=10, color="tab:green", zorder=3, label="predicted, right")
-        ax.scatter(xs[bad], ys[bad], s=10, color="tab:red", zorder=3, label="predicted, wrong")
-        if (~ok & ~bad).any():
-            ax.scatter(xs[~ok & ~bad], ys[~ok & ~bad], s=10, color="tab:blue", zorder=3,
-                       label="predicted, no ground truth")
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    for tick, lab in zip(ax.get_yticklabels(), labels):
-        if lab in spec.symmetric_labels:
-            tick.set_color("darkorange")
-    ax.set_ylim(-0.7, len(labels) - 0.3)
-    ax.set_xlabel("bag time (s since the first image)")
-    ax.set_title(title or f"{task}: predicted vs true label (orange: nearly symmetric classes)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
-    return save_figure(fig, path)
+    base = Path(path)
+    paths = []
+    for page, first in enumerate(range(0, n_rows, rows_per_page)):
+        rows = list(range(first, min(n_rows, first + rows_per_page)))
+        fig, axes = plt.subplots(len(rows), 1, squeeze=False,
+                                 figsize=(14, len(rows) * max(1.6, 0.2 * len(labels) + 0.9) + 0.6))
+        for ax, r in zip(axes[:, 0], rows):
+            lo, hi = r * row_s, (r + 1) * row_s
+            for lab in spec.symmetric_labels:
+                ax.axhspan(row[lab] - 0.5, row[lab] + 0.5, color="orange", alpha=0.12, lw=0)
+            for iv in ivs:
+                a, b = iv.start - t0, min(iv.end, t_end) - t0
+                if b >= lo and a <= hi:
+                    ax.plot([max(a, lo), min(b, hi)], [row[iv.label]] * 2, color="0.35", lw=6, alpha=0.45,
+                            solid_capstyle="butt")
+            sel = (xs >= lo) & (xs < hi)
+            for mask, colour in ((ok, "tab:green"), (bad, "tab:red"), (~ok & ~bad, "tab:blue")):
+                m = sel & mask
+                if m.any():
+                    ax.scatter(xs[m], ys[m], s=9, color=colour, zorder=3)
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(-0.7, len(labels) - 0.3)
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+            for tick, lab in zip(ax.get_yticklabels(), labels):
+                if lab in spec.symmetric_labels:
+                    tick.set_color("darkorange")
+            ax.tick_params(axis="x", labelsize=8)
+            ax.grid(axis="x", alpha=0.25)
+        axes[-1, 0].set_xlabel("bag time (s since the first image)")
+        handles = [plt.Line2D([], [], color="0.35", lw=6, alpha=0.45, label="true label"),
+                   plt.Line2D([], [], marker="o", ls="", color="tab:green", label="predicted, right"),
+                   plt.Line2D([], [], marker="o", ls="", color="tab:red", label="predicted, wrong"),
+                   plt.Line2D([], [], marker="o", ls="", color="tab:blue", label="predicted, unlabelled time")]
+        axes[0, 0].legend(handles=handles, fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=4,
+                          frameon=False)
+        pages = math.ceil(n_rows / rows_per_page)
+        suffix = f" (page {page + 1} of {pages})" if pages > 1 else ""
+        fig.suptitle((title or f"{task}: predicted vs true label") + suffix, fontsize=9)
+        out = base if page == 0 else base.with_name(f"{base.stem}_{page + 1}{base.suffix}")
+        paths.append(save_figure(fig, out))
+    return paths
 
 
 # --------------------------------------------------------------------------- main entry
+
+
+#: Above this many tokens per window the batched plain forward (attention over all T x m tokens
+#: of every window) costs more than the exact streaming engine's per-frame blocks.
+INDEXED_MAX_TOKENS = 1024
+RUNNERS = ("auto", "fast", "reference", "indexed")
+
+
+def _choose_runner(runner: Any, pipeline: str, model: Any) -> Any:
+    """``auto``: the stream pipeline runs the exact fast engine; the batched one runs every due
+    window in batches (``StepHead.forward_indexed``) while a window holds at most
+    :data:`INDEXED_MAX_TOKENS` tokens (the demo's 16 x 16), else the fast engine per frame."""
+    if runner not in (None, "auto"):
+        return runner
+    if pipeline == "stream":
+        return "fast" if runner == "auto" else "reference"
+    tokens = model.manifest.frames * (model.backbone.num_patches + 1)
+    return "indexed" if tokens <= INDEXED_MAX_TOKENS else "fast"
 
 
 def _make_runner(runner: Any, model: Any) -> Any:
@@ -430,12 +404,32 @@ def _make_encode(encode: Any, model: Any, device: Any = None) -> Callable | None
     raise ValueError(f"encode must be a callable, an inference backend name or None, got {encode!r}")
 
 
+def _write_predictions_csv(rows: list[dict], tasks: list[str], path: Path) -> None:
+    header = ["stamp", "t", "window_start", "complete"]
+    for task in tasks:
+        header += [task, f"{task}_confidence", f"{task}_confident", f"{task}_stable", f"{task}_true",
+                   f"{task}_scored"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in rows:
+            line = [f"{r['stamp']:.9f}", f"{r['t']:.6f}", f"{r['window_start']:.9f}", int(r["complete"])]
+            for task in tasks:
+                e = r["tasks"].get(task)
+                line += ["", "", "", "", "", ""] if e is None else [
+                    e["label"], f"{e['confidence']:.6f}", int(e["confident"]), int(e["stable"]), e["true"] or "",
+                    int(e["scored"])]
+            w.writerow(line)
+
+
 def replay_eval(
     bag_path: str | os.PathLike[str],
     manifest_path: str | os.PathLike[str] | Manifest,
     out_dir: str | os.PathLike[str] | None = None,
     *,
     image_topic: str | None = None,
+    pipeline: str = "batched",
+    batch_size: int = 32,
     stride: int = 1,
     alpha: float = 1.0,
     threshold: float = 0.5,
@@ -443,243 +437,322 @@ def replay_eval(
     max_gap_s: float | None = None,
     min_frames: int | None = None,
     top_k: int = 3,
-    runner: Any = None,
+    runner: Any = "auto",
     encode: Any = None,
     model: Any = None,
+    truth_topics: list[str] | None = None,
     ground_truth_topic: str | None = None,
-    segment_topic: str = SEGMENT_TOPIC,
+    truth_field: str = "data",
+    end_markers: tuple[str, ...] = ("",),
+    annotations: str | os.PathLike[str] | None = None,
+    annotation_time: str = "relative",
+    task_map: dict[str, str] | list[str] | None = None,
+    label_map: dict[str, str] | list[str] | None = None,
+    ignore_labels: list[str] | tuple[str, ...] = (),
     use_log_time: bool = False,
     save_probs: bool = False,
+    timeline_row_s: float = 60.0,
     progress: bool = True,
     quiet: bool = False,
     device: str | None = None,
 ) -> dict:
     """Replay ``bag_path`` through the node's pipeline for the model of ``manifest_path``; score it.
 
-    ``image_topic``: default auto-detects the bag's Image / CompressedImage topic.
-    ``stride``, ``max_gap_s`` (window reset gap; default the StreamingEngine's), ``min_frames``,
-    ``top_k``: as the StreamingEngine / node parameters. ``alpha`` (1 = no smoothing), ``threshold``,
-    ``stable_count``: as the PredictionSmoother / node parameters. ``runner``: ``None`` or
-    ``"reference"`` (plain head forward), ``"fast"`` (exact streaming STEP engine) or a
-    HeadRunner. ``encode``: ``None`` (torch backbone), an inference backend name
-    (``step_ros.deploy.backends.BACKENDS``) or a callable frame -> tokens. ``model``: an
-    already built MultiTaskModel for this manifest (skips loading). ``ground_truth_topic``:
-    default ``/ground_truth`` (missing -> a warning and no accuracy; an explicitly named topic
-    that is missing is an error). ``use_log_time``: stamp frames with the bag's receive time
-    instead of ``header.stamp`` (for cameras that leave stamps empty). ``save_probs``: keep every
-    prediction's full probability vectors in the report.  ``device``: where heads and the torch
-    backbone run (``auto``, ``cpu``, ``cuda``, ``cuda:N``; default: where the model already is).
+    ``pipeline``: ``batched`` (decode ahead, backbone and heads in batches of ``batch_size``) or
+    ``stream`` (the live engine frame by frame; measures compute latency per prediction); both
+    give the same predictions.  ``runner``: the heads, ``"auto"`` (see :func:`_choose_runner`),
+    ``"fast"``, ``"reference"``, ``"indexed"`` (batched only) or a HeadRunner.  ``image_topic``: needed when the bag has several image topics.
+    ``stride``, ``max_gap_s``, ``min_frames``, ``top_k``, ``alpha``, ``threshold``,
+    ``stable_count``: the node's parameters.  ``encode``: ``None`` (torch backbone), an inference
+    backend name or a callable frame -> tokens.  ``model``: an already built MultiTaskModel.
 
-    Undecodable images are skipped and counted; a bag without any decodable image on the
-    topic, a missing topic or a corrupt bag raise :class:`BagError`. With ``out_dir`` writes
-    ``report.json``, ``timeline_<task>.png`` and ``latency.png``. Returns the report dict.
+    Ground truth (see :func:`load_truth`): ``truth_topics`` (``ground_truth_topic`` is the old
+    name of one), ``truth_field``, ``end_markers``, ``annotations`` + ``annotation_time`` +
+    ``task_map``, then ``label_map`` and ``ignore_labels``.  ``use_log_time``: stamp frames with
+    the bag's receive time instead of ``header.stamp``.  ``save_probs``: keep every class
+    probability.  ``device``: where heads and the torch backbone run.
+
+    Undecodable images are skipped and counted; a bag without any decodable image on the topic,
+    a missing topic or a corrupt bag raise :class:`BagError`, unusable truth
+    :class:`~step_ros.bags.truth.TruthError`; both before anything is written.  With ``out_dir``
+    writes ``report.json``, ``predictions.csv``, ``timeline_<task>.png`` and (stream) ``latency.png``.
     """
-    from ..model.multitask import MultiTaskModel
     from ..console import console, pct, print_table, write_json
     from ..figures import plot_histogram
+    from ..model.multitask import MultiTaskModel
 
     bag_path = Path(bag_path)
     manifest = manifest_path if isinstance(manifest_path, Manifest) else load_manifest(manifest_path)
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
+    if annotation_time not in TIME_BASES:
+        raise ValueError(f"annotation_time must be one of {', '.join(TIME_BASES)}, got {annotation_time!r}")
+    if ground_truth_topic is not None:
+        truth_topics = [*(truth_topics or []), ground_truth_topic]
 
-    # -- what is in the bag (fails early, before loading a model)
+    # -- what is in the bag, and the truth (fails early, before loading a model)
     with open_bag(bag_path) as reader:
-        topics = {t: (info.msgtype, info.msgcount) for t, info in reader.topics.items()}
-        bag_start_ns = reader.start_time
-    topic, msgtype = find_image_topic(topics, str(bag_path), image_topic)
-    gt_topic = ground_truth_topic or GROUND_TRUTH_TOPIC
-    if gt_topic not in topics:
-        if ground_truth_topic is not None:
-            raise BagError(f"bag {bag_path} has no ground-truth topic {gt_topic!r}; its topics: "
-                           f"{', '.join(sorted(topics))}")
-        log.warning("bag %s has no %s topic: replaying without accuracy", bag_path, gt_topic)
-    elif topics[gt_topic][0] != HUMAN_ACTION_TYPE:
-        raise BagError(f"topic {gt_topic!r} of bag {bag_path} is {topics[gt_topic][0]}, expected {HUMAN_ACTION_TYPE}")
-    segments, recorded = read_ground_truth(bag_path, gt_topic, segment_topic)
-    match = _Matcher(segments)
-    gt_tasks = list(dict.fromkeys(t for s in segments for t in s.labels))
-    contexts = sorted({s.context for s in segments if s.context is not None})
+        topics = _topic_table(reader)
+        topic, msgtype = find_image_topic(topics, str(bag_path), image_topic)
+        first = _first_stamp(reader, topic, use_log_time)
+        t0_truth = first if first is not None else ns_to_seconds(reader.start_time)
+        if model is not None:
+            manifest = getattr(model, "manifest", None) or manifest
+        truth = load_truth(reader, manifest, t0_truth, truth_topics=truth_topics, truth_field=truth_field,
+                           end_markers=end_markers, annotations=annotations, annotation_time=annotation_time,
+                           task_map=task_map, label_map=label_map, ignore_labels=ignore_labels)
+        truth_topic_names = {str(t).partition("=")[0] for t in (truth_topics or [])}
+        if not truth_topics and annotations is None and GROUND_TRUTH_TOPIC in topics:
+            truth_topic_names.add(GROUND_TRUTH_TOPIC)
+        recorded = _recorded_actions(reader, truth_topic_names)
+    if not truth:
+        log.warning("bag %s: no ground truth (no %s topic, no --truth-topic, no --annotations): replaying "
+                    "without accuracy", bag_path, GROUND_TRUTH_TOPIC)
 
     # -- the node's pipeline
     if model is None:
         model = MultiTaskModel.from_manifest(manifest)
-    else:  # a prebuilt model: its own manifest (heads, labels) is what runs
-        manifest = getattr(model, "manifest", None) or manifest
     model.eval()
     if device is not None:
         from ..model.device import resolve_device
 
         device = resolve_device(device)
         model.to(device)
-    runner_obj = _make_runner(runner, model)
     engine_kwargs: dict[str, Any] = {} if max_gap_s is None else {"max_gap_s": max_gap_s}
-    engine = StreamingEngine(model, stride=stride, min_frames=min_frames, top_k=top_k, runner=runner_obj,
-                             encode=_make_encode(encode, model, device), **engine_kwargs)
+    encoder = _make_encode(encode, model, device)
+    runner = _choose_runner(runner, pipeline, model)
+    if pipeline == "batched":
+        from ..model.batched import BatchedEngine
+
+        runner_obj = None if runner == "indexed" else _make_runner(runner, model)
+        engine: Any = BatchedEngine(model, stride=stride, min_frames=min_frames, top_k=top_k, encode=encoder,
+                                    runner=runner_obj, batch_size=batch_size, **engine_kwargs)
+    else:
+        if runner == "indexed":
+            raise ValueError("runner 'indexed' computes windows in batches: it needs pipeline='batched'")
+        runner_obj = _make_runner(runner, model)
+        engine = StreamingEngine(model, stride=stride, min_frames=min_frames, top_k=top_k, runner=runner_obj,
+                                 encode=encoder, **engine_kwargs)
+    runner_name = "indexed batches" if runner_obj is None else type(runner_obj).__name__
     smoother = PredictionSmoother(manifest, alpha=alpha, threshold=threshold, stable_count=stable_count, top_k=top_k)
 
-    records: list[_Record] = []
-    undecodable: Counter = Counter()
-    resets_seen = 0
+    records: list[Record] = []
+    invalid: Counter = Counter()
     sizes: Counter = Counter()
+    valid_stamps: list[float] = []
+    resets_seen = 0
+
+    def take(resets: int, pred: Any) -> None:
+        nonlocal resets_seen
+        if resets != resets_seen:  # the node resets its smoother with the window
+            smoother.reset()
+            resets_seen = resets
+        smoothed = smoother.update(pred)
+        records.append(Record(
+            stamp=pred.stamp, window_start=pred.window_start, complete=pred.window_complete,
+            labels={t: s.result.label for t, s in smoothed.items()},
+            confidence={t: float(s.result.confidence) for t, s in smoothed.items()},
+            confident={t: s.confident for t, s in smoothed.items()},
+            stable={t: s.stable for t, s in smoothed.items()},
+            probs={t: np.asarray(s.result.probs, dtype=np.float64) for t, s in smoothed.items()},
+            top_k={t: [(lab, round(float(p), 6)) for _, lab, p in s.result.top_k] for t, s in smoothed.items()},
+            compute_ms=pred.compute_s * 1e3 if pipeline == "stream" else None,
+        ))
+
     started = time.perf_counter()
-    total = topics[topic][1]
-    frames_iter = _prefetch(lambda stop: _decoded_frames(bag_path, topic, stop, use_log_time))
-    first_stamp: float | None = None
-    with tqdm(total=total, desc=f"replay {bag_path.name}", unit="frame", disable=not progress) as bar:
-        for stamp, frame, reason in frames_iter:
+    frames_iter = _prefetch(lambda stop: _frames(bag_path, topic, stop, use_log_time, engine.offer))
+    with tqdm(total=topics[topic][1], desc=f"replay {bag_path.name}", unit="frame", disable=not progress) as bar:
+        for kind, stamp, payload in frames_iter:
             bar.update()
-            if frame is None:
-                if not undecodable:
-                    log.warning("bag %s, topic %s: skipping an undecodable image: %s", bag_path, topic, reason)
-                undecodable[reason] += 1
+            if kind == "invalid":
+                if not invalid:
+                    log.warning("bag %s, topic %s: skipping an undecodable image: %s", bag_path, topic, payload)
+                invalid[payload] += 1
                 continue
-            if first_stamp is None:
-                first_stamp = stamp
-            sizes[f"{frame.shape[1]}x{frame.shape[0]}"] += 1
-            pred = engine.push(frame, stamp)
-            resets = sum(engine.stats.resets.values())
-            if resets != resets_seen:  # the node resets its smoother with the window
-                smoother.reset()
-                resets_seen = resets
-            if pred is None:
+            valid_stamps.append(stamp)
+            if kind == "skipped":
                 continue
-            smoothed = smoother.update(pred)
-            rec = _Record(
-                stamp=pred.stamp, window_start=pred.window_start, complete=pred.window_complete,
-                labels={t: s.result.label for t, s in smoothed.items()},
-                confidence={t: float(s.result.confidence) for t, s in smoothed.items()},
-                confident={t: s.confident for t, s in smoothed.items()},
-                stable={t: s.stable for t, s in smoothed.items()},
-                probs={t: np.asarray(s.result.probs, dtype=np.float64) for t, s in smoothed.items()},
-                top_k={t: [(lab, round(float(p), 6)) for _, lab, p in s.result.top_k] for t, s in smoothed.items()},
-                compute_ms=pred.compute_s * 1e3,
-            )
-            rec.segment = match(rec.window_start, rec.stamp)
-            records.append(rec)
+            sizes[f"{payload.shape[1]}x{payload.shape[0]}"] += 1
+            if pipeline == "batched":
+                for resets, pred in engine.add(payload, stamp):
+                    take(resets, pred)
+            else:
+                pred = engine.process(payload, stamp)
+                if pred is not None:
+                    take(sum(engine.stats.resets.values()), pred)
+        if pipeline == "batched":
+            for resets, pred in engine.flush():
+                take(resets, pred)
     wall_s = time.perf_counter() - started
-    decoded = engine.stats.frames_in
-    if decoded == 0:
-        why = "; ".join(f"{n} x {r}" for r, n in undecodable.most_common(3)) or "no messages"
+    if not valid_stamps:
+        why = "; ".join(f"{n} x {r}" for r, n in invalid.most_common(3)) or "no messages"
         raise BagError(f"bag {bag_path}, topic {topic}: no decodable image ({why})")
 
-    for rec_list in recorded.values():
-        for r in rec_list:
-            r.segment = match(r.window_start, r.stamp)
-
-    # -- report
-    t0 = first_stamp if first_stamp is not None else ns_to_seconds(bag_start_ns)
+    # -- scoring
+    t0 = valid_stamps[0]
+    t_end = max(valid_stamps)
+    first_task = truth.tasks[0] if truth else None
     pred_rows = []
     for r in records:
-        seg = r.segment
-        row: dict[str, Any] = {
-            "stamp": round(r.stamp, 9), "window_start": round(r.window_start, 9), "t": round(r.stamp - t0, 6),
-            "complete": r.complete, "compute_ms": round(r.compute_ms or 0.0, 3),
-            "segment": None if seg is None else seg.index,
-        }
-        if seg is not None and seg.fps and seg.start_frame is not None:
-            row["video_frame"] = int(seg.start_frame + round((r.stamp - seg.window_start) * seg.fps))
+        row: dict[str, Any] = {"stamp": round(r.stamp, 9), "window_start": round(r.window_start, 9),
+                               "t": round(r.stamp - t0, 6), "complete": r.complete,
+                               "compute_ms": None if r.compute_ms is None else round(r.compute_ms, 3)}
+        here = truth.at(first_task, r.stamp) if first_task else None
+        if here is not None and "segment" in here.meta:
+            row["segment"] = here.meta["segment"]
+            if here.meta.get("fps") and here.meta.get("start_frame") is not None:
+                row["video_frame"] = int(here.meta["start_frame"] + round((r.stamp - here.start) * here.meta["fps"]))
         row["tasks"] = {}
         for task in r.labels:
+            now = truth.at(task, r.stamp)
             entry = {"label": r.labels[task], "confidence": round(r.confidence[task], 6),
                      "confident": r.confident[task], "stable": r.stable.get(task, False),
-                     "true": None if seg is None else seg.labels.get(task), "top_k": r.top_k.get(task, [])}
+                     "true": None if now is None else now.label,
+                     "scored": r.complete and truth.window(task, r.window_start, r.stamp) is not None,
+                     "top_k": r.top_k.get(task, [])}
             if save_probs:
                 entry["probs"] = [float(x) for x in r.probs[task]]
             row["tasks"][task] = entry
         pred_rows.append(row)
+    matched = sum(any(e["scored"] for e in row["tasks"].values()) for row in pred_rows)
 
-    used = {id(r.segment) for r in records if r.segment is not None}
-    latency = _latency([r.compute_ms for r in records if r.compute_ms is not None])
+    stats = engine.stats
+    rate = _camera_rate(valid_stamps, engine.max_gap_s)
+    k, frames = engine.frame_interval, manifest.frames
+    latency_model = {
+        "frames": frames, "frame_interval": k, "stride": stride, "stable_count": stable_count,
+        "threshold": threshold, "alpha": alpha, "camera_rate_hz": None if rate is None else round(rate, 3),
+        "sample_period_s": None if rate is None else round(k / rate, 4),
+        "window_span_s": None if rate is None else round((frames - 1) * k / rate, 4),
+        "prediction_period_s": None if rate is None else round(stride * k / rate, 4),
+        "earliest_after_reset_s": None if rate is None else round(
+            ((frames - 1) * k + (stable_count - 1) * stride * k) / rate, 4),
+    }
+    intervals = {}
+    for task, ivs in truth.by_task.items():
+        scored_ids = {id(iv) for r in records if r.complete and task in r.labels
+                      and (iv := truth.window(task, r.window_start, r.stamp)) is not None}
+        intervals[task] = {"total": len(ivs), "with_scored_windows": len(scored_ids),
+                           "without_scored_windows": [iv.source for iv in ivs if id(iv) not in scored_ids][:50]}
     report: dict[str, Any] = {
         "bag": str(bag_path),
         "manifest": str(manifest.path) if manifest.path else manifest.name,
         "image_topic": topic,
         "image_type": msgtype,
-        "ground_truth_topic": gt_topic if segments else None,
-        "settings": {"frames": manifest.frames, "frame_interval": engine.frame_interval, "stride": stride,
-                     "alpha": alpha, "threshold": threshold, "stable_count": stable_count,
-                     "max_gap_s": engine.max_gap_s,
-                     "min_frames": engine.min_frames, "runner": type(runner_obj).__name__,
+        "truth": {"sources": truth.sources, "tasks": {t: len(v) for t, v in truth.by_task.items()},
+                  "contexts": truth.contexts},
+        "pipeline": pipeline,
+        "settings": {"frames": frames, "frame_interval": k, "stride": stride, "alpha": alpha, "threshold": threshold,
+                     "stable_count": stable_count, "max_gap_s": engine.max_gap_s, "min_frames": engine.min_frames,
+                     "runner": runner_name, "batch_size": batch_size if pipeline == "batched" else None,
                      "encode": "torch" if encode is None else (encode if isinstance(encode, str) else "custom"),
                      "stamps": "log_time" if use_log_time else "header"},
-        "frames": {"messages": sum(undecodable.values()) + decoded, "decoded": decoded,
-                   "undecodable": sum(undecodable.values()), "undecodable_reasons": dict(undecodable),
-                   "sampled": engine.stats.frames_sampled, "backbone_passes": engine.stats.backbone_passes,
-                   "sizes": dict(sizes)},
-        "resets": {k: int(v) for k, v in engine.stats.resets.items()},
+        "latency_model": latency_model,
+        "frames": {"messages": sum(invalid.values()) + len(valid_stamps), "valid": len(valid_stamps),
+                   "decoded": stats.frames_sampled, "undecodable": sum(invalid.values()),
+                   "undecodable_reasons": dict(invalid), "sampled": stats.frames_sampled,
+                   "backbone_passes": stats.backbone_passes, "sizes": dict(sizes)},
+        "resets": {k_: int(v) for k_, v in stats.resets.items()},
         "num_predictions": len(records),
-        "num_matched": sum(r.segment is not None for r in records),
-        "num_unmatched": sum(r.segment is None for r in records),
+        "num_matched": matched,
+        "num_unmatched": len(records) - matched,
         "num_incomplete": sum(not r.complete for r in records),
-        "segments": {"total": len(segments), "with_predictions": len(used),
-                     "without_predictions": [s.index for s in segments if id(s) not in used]},
-        "contexts": contexts,
-        "tasks": _score(records, manifest, gt_tasks, contexts),
-        "tasks_without_ground_truth": [t for t in manifest.tasks if t not in gt_tasks],
-        "latency": latency,
-        "timing": {"wall_s": round(wall_s, 3), "frames_per_s": round(decoded / wall_s, 2) if wall_s > 0 else None,
+        "intervals": intervals,
+        "contexts": truth.contexts,
+        "tasks": score(records, manifest, truth),
+        "tasks_without_ground_truth": [t for t in manifest.tasks if t not in truth.by_task],
+        "latency": _latency([r.compute_ms for r in records if r.compute_ms is not None]),
+        "timing": {"wall_s": round(wall_s, 3), "frames_per_s": round(len(valid_stamps) / wall_s, 2) if wall_s > 0 else None,
                    "predictions_per_s": round(len(records) / wall_s, 2) if wall_s > 0 else None},
         "recorded": {},
         "predictions": pred_rows,
     }
+    if pipeline == "batched":
+        report["timing"].update({"backbone_s": round(engine.times.backbone_s, 3),
+                                 "heads_s": round(engine.times.heads_s, 3)})
     for rtopic, rlist in recorded.items():
         report["recorded"][rtopic] = {
-            "num_messages": len(rlist), "num_matched": sum(r.segment is not None for r in rlist),
+            "num_messages": len(rlist),
+            "num_matched": sum(any(truth.window(t, r.window_start, r.stamp) is not None for t in r.labels)
+                               for r in rlist),
             "num_incomplete": sum(not r.complete for r in rlist),
-            "tasks": _score(rlist, manifest, gt_tasks, contexts),
+            "tasks": score(rlist, manifest, truth),
         }
 
-    # -- console
     if not quiet:
-        for task, tr in report["tasks"].items():
-            rows = [[ctx, pct(s["top1"]), pct(s["symmetric"]), pct(s["non_symmetric"]), pct(s["within_pair"]),
-                     pct(s["confident_coverage"]), pct(s["confident_accuracy"]), s["n"]]
-                    for ctx, s in tr["contexts"].items()]
-            print_table(f"replay {bag_path.name} - {task}: top-1 % per window",
-                        ["context", "all", "nearly symmetric", "non-symmetric", "within pair", "confident %",
-                         "acc. if confident", "predictions"], rows)
-        for rtopic, rr in report["recorded"].items():
-            for task, tr in rr["tasks"].items():
-                s = tr["contexts"].get("all")
-                if s:
-                    console.print(f"recorded {rtopic} {task}: top-1 {pct(s['top1'])} % "
-                                  f"(nearly symmetric {pct(s['symmetric'])}, n={s['n']})")
-        lat = report["latency"]
-        print_table(f"replay {bag_path.name}: pipeline", ["item", "value"], [
-            ["image topic", f"{topic} [{msgtype.split('/')[-1]}]"],
-            ["frames decoded / undecodable", f"{decoded} / {report['frames']['undecodable']}"],
-            ["backbone passes", engine.stats.backbone_passes],
-            ["predictions (matched / unmatched)",
-             f"{len(records)} ({report['num_matched']} / {report['num_unmatched']})"],
-            ["window resets", ", ".join(f"{k} {v}" for k, v in report["resets"].items()) or "0"],
-            ["segments with predictions", f"{len(used)} / {len(segments)}"],
-            ["compute per prediction ms (median / p95 / max)",
-             f"{lat['median_ms']} / {lat['p95_ms']} / {lat['max_ms']}" if lat["n"] else "-"],
-            ["replay speed", f"{report['timing']['frames_per_s']} frames/s ({wall_s:.1f} s)"],
-        ])
+        _print_report(report, bag_path, console, pct, print_table)
 
     # -- files
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        figures = {}
+        figures: dict[str, Any] = {}
         for spec in manifest.heads:
             acc = report["tasks"].get(spec.task, {}).get("contexts", {}).get("all", {}).get("top1")
             title = (f"{spec.task}: predicted vs true label over bag time"
-                     + (f" (top-1 {pct(acc)} %)" if acc is not None else "")
+                     + (f" (window top-1 {pct(acc)} %)" if acc is not None else "")
                      + "; orange: nearly symmetric classes")
-            figures[f"timeline_{spec.task}"] = str(plot_timeline(
-                spec, pred_rows, segments, out / f"timeline_{spec.task}.png", t0, title))
-        if latency["n"]:
+            pages = plot_timeline(spec, pred_rows, truth, out / f"timeline_{spec.task}.png", t0, t_end, title,
+                                  row_s=timeline_row_s)
+            figures[f"timeline_{spec.task}"] = [str(p) for p in pages] if len(pages) > 1 else str(pages[0])
+        if report["latency"]["n"]:
             figures["latency"] = str(plot_histogram(
-                {"compute per prediction": [r.compute_ms for r in records]}, out / "latency.png",
-                f"replay {bag_path.name}: backbone + heads per prediction ({report['settings']['runner']})"))
+                {"compute per prediction": [r.compute_ms for r in records if r.compute_ms is not None]},
+                out / "latency.png", f"replay {bag_path.name}: backbone + heads per prediction ({runner_name})"))
+        _write_predictions_csv(pred_rows, manifest.tasks, out / "predictions.csv")
         report["figures"] = figures
         write_json(report, out / "report.json")
         if not quiet:
-            console.print(f"wrote {out / 'report.json'} and {len(figures)} figures to {out}")
+            console.print(f"wrote {out / 'report.json'}, predictions.csv and the figures to {out}")
     return report
+
+
+def _fmt_s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _print_report(report: dict, bag_path: Path, console: Any, pct: Callable, print_table: Callable) -> None:
+    for task, tr in report["tasks"].items():
+        rows = [[ctx, pct(s["top1"]), pct(s["symmetric"]), pct(s["non_symmetric"]), pct(s["within_pair"]),
+                 pct(s["counterpart_share"]), pct(s["confident_coverage"]), pct(s["confident_accuracy"]), s["n"]]
+                for ctx, s in tr["contexts"].items()]
+        print_table(f"replay {bag_path.name} - {task}: top-1 % per window",
+                    ["context", "all", "nearly symmetric", "non-symmetric", "within pair", "names the twin",
+                     "confident %", "acc. if confident", "windows"], rows)
+        rows = []
+        for ctx, s in tr["contexts"].items():
+            rec, sw, seg = s["recognition"], s["switches"], s["segments"]
+            rows.append([ctx, pct(seg["last_window"]), pct(seg["majority"]), _fmt_s(rec["median_s"]),
+                         _fmt_s(rec["p95_s"]), f"{pct(rec['never_fraction'])} ({rec['never_recognised']}/{rec['actions']})",
+                         _fmt_s(sw["per_min"]), _fmt_s(sw["confident_stable_per_min"])])
+        print_table(f"replay {bag_path.name} - {task}: for planners",
+                    ["context", "segment: last %", "majority %", "recognition median s", "p95 s", "never %",
+                     "false switches/min", "confident+stable /min"], rows)
+    for rtopic, rr in report["recorded"].items():
+        for task, tr in rr["tasks"].items():
+            s = tr["contexts"].get("all")
+            if s:
+                console.print(f"recorded {rtopic} {task}: top-1 {pct(s['top1'])} % "
+                              f"(nearly symmetric {pct(s['symmetric'])}, n={s['n']})")
+    lat, lm, fr = report["latency"], report["latency_model"], report["frames"]
+    rows = [
+        ["image topic", f"{report['image_topic']} [{report['image_type'].split('/')[-1]}]"],
+        ["ground truth", "; ".join(report["truth"]["sources"]) or "none"],
+        ["frames valid / undecodable", f"{fr['valid']} / {fr['undecodable']}"],
+        ["backbone passes", fr["backbone_passes"]],
+        ["predictions (scored / not)", f"{report['num_predictions']} ({report['num_matched']} / {report['num_unmatched']})"],
+        ["window resets", ", ".join(f"{k} {v}" for k, v in report["resets"].items()) or "0"],
+        ["latency model", f"camera {_fmt_s(lm['camera_rate_hz'])} Hz, {lm['frames']} frames every "
+                          f"{lm['frame_interval']}: window {_fmt_s(lm['window_span_s'])} s, earliest stable after a "
+                          f"reset {_fmt_s(lm['earliest_after_reset_s'])} s"],
+    ]
+    if lat["n"]:
+        rows.append(["compute per prediction ms (median / p95 / max)", f"{lat['median_ms']} / {lat['p95_ms']} / {lat['max_ms']}"])
+    rows.append([f"replay speed ({report['pipeline']})",
+                 f"{report['timing']['frames_per_s']} frames/s ({report['timing']['wall_s']:.1f} s)"])
+    print_table(f"replay {bag_path.name}: pipeline", ["item", "value"], rows)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -687,36 +760,68 @@ def replay_eval(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``step-ros replay-eval``."""
-    parser.add_argument("--bag", type=Path, required=True, help="rosbag2 folder (or a .mcap / .db3 file)")
+    parser.add_argument("--bag", type=Path, required=True,
+                        help="rosbag2 folder, a .mcap / .db3 file, or a ROS 1 .bag")
     parser.add_argument("--manifest", type=Path, required=True, help="model manifest (YAML)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for report.json and figures")
-    parser.add_argument("--image-topic", default=None, help="image topic (default: auto-detect)")
-    parser.add_argument("--ground-truth-topic", default=None, help=f"default {GROUND_TRUTH_TOPIC}")
-    parser.add_argument("--stride", type=int, default=1, help="predict every n-th sampled frame (node parameter)")
-    parser.add_argument("--alpha", type=float, default=1.0, help="smoothing weight of the newest prediction (1 = none)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="confidence threshold")
-    parser.add_argument("--stable-count", type=int, default=3)
-    parser.add_argument("--max-gap", type=float, default=None, dest="max_gap_s",
-                        help="window reset gap between sampled frames, s (default: the node's)")
-    parser.add_argument("--min-frames", type=int, default=None,
-                        help="predict from this many frames on (default: complete windows only)")
-    parser.add_argument("--runner", choices=["fast", "reference"], default="fast",
-                        help="heads: exact fast STEP engine (default) or the plain forward")
-    parser.add_argument("--backend", default=None,
-                        help="backbone inference backend (torch, onnxruntime, onnxruntime-int8, tensorrt)")
-    parser.add_argument("--log-time", action="store_true", help="use the bag's receive time, not header.stamp")
-    parser.add_argument("--save-probs", action="store_true", help="keep every class probability in report.json")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N: where heads and the torch "
-                                                       "backbone run (default: cpu)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for report.json, predictions.csv, figures")
+    parser.add_argument("--image-topic", default=None, help="image topic (needed when the bag has several)")
+    truth = parser.add_argument_group("ground truth (docs/BAGS.md; default: the bag's /ground_truth topic)")
+    truth.add_argument("--truth-topic", action="append", default=None, metavar="TOPIC[=TASK]",
+                       help="a label topic (String or any type with a string field) labelling TASK, or a "
+                            "HumanAction topic (all tasks); repeat for several tasks")
+    truth.add_argument("--ground-truth-topic", default=None, help=argparse.SUPPRESS)  # the old name
+    truth.add_argument("--truth-field", default="data", help="string field of a label topic's messages (path: a.b)")
+    truth.add_argument("--truth-end", action="append", default=None, metavar="LABEL",
+                       help="label that ends the current action without starting one (default: the empty string)")
+    truth.add_argument("--annotations", type=Path, default=None,
+                       help="annotation file: .csv / .json intervals (start, end, task columns) or ELAN .eaf")
+    truth.add_argument("--annotation-time", choices=TIME_BASES, default="relative",
+                       help="CSV/JSON times: seconds from the first image (relative) or bag time (bag)")
+    truth.add_argument("--task-map", action="append", default=None, metavar="NAME=TASK",
+                       help="annotation column / ELAN tier NAME labels TASK")
+    truth.add_argument("--label-map", action="append", default=None, metavar="THEIRS=OURS",
+                       help="rename a truth label to the manifest's")
+    truth.add_argument("--ignore-label", action="append", default=[], metavar="LABEL",
+                       help="truth label to treat as unlabelled time (e.g. idle, background)")
+    node = parser.add_argument_group("the node's parameters")
+    node.add_argument("--stride", type=int, default=1, help="predict every n-th sampled frame")
+    node.add_argument("--alpha", type=float, default=1.0, help="smoothing weight of the newest prediction (1 = none)")
+    node.add_argument("--threshold", type=float, default=0.5, help="confidence threshold")
+    node.add_argument("--stable-count", type=int, default=3)
+    node.add_argument("--max-gap", type=float, default=None, dest="max_gap_s",
+                      help="window reset gap between sampled frames, s (default: the node's)")
+    node.add_argument("--min-frames", type=int, default=None,
+                      help="predict from this many frames on (default: complete windows only)")
+    run = parser.add_argument_group("how it runs")
+    run.add_argument("--pipeline", choices=PIPELINES, default="batched",
+                     help="batched: decode ahead, backbone and heads in batches (fast); stream: the live engine "
+                          "frame by frame, measuring compute latency")
+    run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--runner", choices=RUNNERS, default="auto",
+                     help="heads: fast (exact streaming STEP engine), reference (plain forward per window), "
+                          "indexed (batched pipeline: windows in batches, each frame projected once); auto: "
+                          "fast, or indexed for small windows in the batched pipeline")
+    run.add_argument("--backend", default=None,
+                     help="backbone inference backend (torch, onnxruntime, onnxruntime-int8, tensorrt)")
+    run.add_argument("--log-time", action="store_true", help="use the bag's receive time, not header.stamp")
+    run.add_argument("--save-probs", action="store_true", help="keep every class probability in report.json")
+    run.add_argument("--timeline-row", type=float, default=60.0, dest="timeline_row_s",
+                     help="seconds of bag time per timeline row")
+    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N: where heads and the torch "
+                                                    "backbone run (default: cpu)")
 
 
 def main(args: argparse.Namespace) -> int:
     report = replay_eval(
-        args.bag, args.manifest, args.out, image_topic=args.image_topic, stride=args.stride, alpha=args.alpha,
-        threshold=args.threshold, stable_count=args.stable_count, max_gap_s=args.max_gap_s,
-        min_frames=args.min_frames, runner=args.runner, encode=args.backend,
-        ground_truth_topic=args.ground_truth_topic, use_log_time=args.log_time, save_probs=args.save_probs,
-        progress=not args.no_progress, device=args.device,
+        args.bag, args.manifest, args.out, image_topic=args.image_topic, pipeline=args.pipeline,
+        batch_size=args.batch_size, stride=args.stride, alpha=args.alpha, threshold=args.threshold,
+        stable_count=args.stable_count, max_gap_s=args.max_gap_s, min_frames=args.min_frames, runner=args.runner,
+        encode=args.backend, truth_topics=args.truth_topic, ground_truth_topic=args.ground_truth_topic,
+        truth_field=args.truth_field, end_markers=tuple(args.truth_end) if args.truth_end else ("",),
+        annotations=args.annotations, annotation_time=args.annotation_time, task_map=args.task_map,
+        label_map=args.label_map, ignore_labels=args.ignore_label, use_log_time=args.log_time,
+        save_probs=args.save_probs, timeline_row_s=args.timeline_row_s, progress=not args.no_progress,
+        device=args.device,
     )
     return 0 if report["num_predictions"] else 1

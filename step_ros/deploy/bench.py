@@ -234,11 +234,13 @@ def print_bench(result: dict) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..bags import bench_replay
     from ..training import bench_data
 
-    parser.add_argument("--suite", choices=["speed", "data"], default="speed",
+    parser.add_argument("--suite", choices=["speed", "data", "replay"], default="speed",
                         help="speed: inference (rows 1-5 above); data: the training pipeline at scale "
-                             "(cache bytes, train memory and throughput, extraction; step_ros/training/bench_data.py)")
+                             "(cache bytes, train memory and throughput, extraction; step_ros/training/bench_data.py); "
+                             "replay: replay-eval's stream vs batched pipelines (step_ros/bags/bench_replay.py)")
     parser.add_argument("--arch", default="dinov2_vits14")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--frames", type=int, default=16, help="T")
@@ -261,6 +263,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, default=Path("runs/onnx-cache"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     bench_data.add_arguments(parser)
+    bench_replay.add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -271,6 +274,10 @@ def main(args: argparse.Namespace) -> int:
         from ..training.bench_data import main as data_main
 
         return data_main(args)
+    if args.suite == "replay":
+        from ..bags.bench_replay import main as replay_main
+
+        return replay_main(args)
     result = run_bench(args)
     print_bench(result)
     write_json(result, args.out / "bench.json")

@@ -208,6 +208,36 @@ class StepHead(nn.Module):
     def forward(self, window: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pooled(window))
 
+    def forward_indexed(self, frames: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Logits of many windows that share frames: window ``w`` is ``frames[index[w]]``.
+
+        ``frames`` (U, 1 + n, D), ``index`` (P, T) -> (P, C); equal to ``forward(frames[index])``
+        up to float rounding.  Why: offline, every frame sits in up to T windows.  With the PE
+        added before a bare attention block, ``qkv(x + pe_t) = qkv(x) + W pe_t``, so each frame is
+        projected once and each window only adds its positions' terms; and the mean over queries
+        commutes with the output projection.  Other blocks (a LayerNorm first) run the plain forward.
+        """
+        if self.block != "attention" or (self.pe != "none" and self.pe_position != "before"):
+            return self(frames[index])
+        x = pool_patch_grid(select_tokens(frames[:, None], self.tokens), self.token_pool)[:, 0]  # (U, m, D)
+        p, t = index.shape
+        _, m, d = x.shape
+        if t != self.frames:
+            raise ValueError(f"head expects {self.frames} frames, windows have {t}")
+        attn = self.attn
+        rows = attn.qkv(x)[index]  # (P, T, m, 3D): each frame projected once, gathered per window
+        pe = self.positional()
+        if pe is not None:
+            rows = rows + F.linear(pe, attn.qkv.weight)  # (T, 1 or m, 3D): the positions' share
+        rows = rows.reshape(p, t * m, 3 * d)
+        if self.global_cls is not None:
+            rows = torch.cat([attn.qkv(self.global_cls).expand(p, -1, -1), rows], dim=1)
+        h = attn.num_heads
+        qkv = rows.reshape(p, -1, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (P, H, N, d / H), one fused kernel
+        pooled = attn.proj(out.mean(dim=2).reshape(p, d))
+        return self.classifier(pooled)
+
     @torch.inference_mode()
     def cls_attention(self, window: torch.Tensor) -> torch.Tensor:
         """How the global CLS token attends to each frame's tokens: (B, T, m), mean over attention

@@ -163,6 +163,83 @@ class EngineStats:
     resets: Counter = field(default_factory=Counter)
 
 
+class WindowSchedule:
+    """The engine's decisions without tensors: which camera frames are sampled, when the window
+    resets, and when a prediction is due.
+
+    One object decides for the live :class:`StreamingEngine` and for the batched offline engine
+    (``step_ros.model.batched``), so both see the same windows by construction.
+    """
+
+    def __init__(self, frames: int, frame_interval: int, *, stride: int = 1, max_gap_s: float = 1.0,
+                 min_frames: int | None = None) -> None:
+        if frame_interval < 1:
+            raise ValueError(f"frame_interval must be >= 1, got {frame_interval}")
+        self.frames = frames
+        self.frame_interval = frame_interval
+        self.stride = max(1, stride)
+        self.max_gap_s = max_gap_s
+        self.min_frames = min(frames, min_frames or frames)
+        self.stats = EngineStats()
+        self.count = 0  # sampled frames since the last reset
+        self._image_size: tuple[int, int] | None = None
+        self._last_stamp: float | None = None  # previous sampled frame
+        self._since_offer = 0  # camera frames offered (sampling phase)
+        self._since_prediction = self.stride - 1  # the first complete window predicts
+
+    @property
+    def size(self) -> int:
+        """Frames in the window now."""
+        return min(self.count, self.frames)
+
+    def reset(self, reason: str | None = None) -> None:
+        if reason:
+            self.stats.resets[reason] += 1
+        self.count = 0
+        self._since_prediction = self.stride - 1
+
+    def offer(self) -> bool:
+        """Count one camera frame; True if it is a sampled frame (every k-th)."""
+        self.stats.frames_in += 1
+        sampled = self._since_offer % self.frame_interval == 0
+        self._since_offer += 1
+        return sampled
+
+    def admit(self, size: tuple[int, int], stamp: float) -> str | None:
+        """One sampled frame of image ``size`` (H, W) enters the window; returns the reason the
+        window was reset first (a gap, time going backwards, a new image size), if it was."""
+        reason = None
+        if self._image_size is not None and size != self._image_size:
+            reason = RESET_RESIZE
+        self._image_size = size
+        last, self._last_stamp = self._last_stamp, stamp
+        if reason is None and last is not None and self.count:
+            if stamp < last:
+                reason = RESET_BACKWARDS
+            elif stamp - last > self.max_gap_s:
+                reason = RESET_GAP
+        if reason is not None:
+            self.reset(reason)
+        self.count += 1
+        self.stats.frames_sampled += 1
+        return reason
+
+    def due(self, predict: bool = True) -> bool:
+        """After :meth:`admit`: is a prediction due now?  ``predict=False`` postpones a due one
+        to the next sampled frame (counted in ``stats.deferred``)."""
+        if self.size < self.min_frames:
+            return False
+        self._since_prediction += 1
+        if self._since_prediction < self.stride:
+            return False
+        if not predict:
+            self.stats.deferred += 1
+            return False
+        self._since_prediction = 0
+        self.stats.predictions += 1
+        return True
+
+
 class StreamingEngine:
     """Frames (uint8 RGB) with stamps in, :class:`Prediction` out.
 
@@ -188,40 +265,29 @@ class StreamingEngine:
     ) -> None:
         manifest: Manifest = model.manifest
         self.model = model
-        self.frame_interval = frame_interval or manifest.frame_interval
-        self.stride = max(1, stride)
-        self.max_gap_s = max_gap_s
-        self.min_frames = min(manifest.frames, min_frames or manifest.frames)
+        self.schedule = WindowSchedule(manifest.frames, frame_interval or manifest.frame_interval, stride=stride,
+                                       max_gap_s=max_gap_s, min_frames=min_frames)
         self.top_k = top_k
         self.runner = runner or ReferenceRunner(model)
         self.encode = encode or (lambda frame: model.backbone.encode(frame)[0])
         shape = (model.backbone.num_patches + 1, model.backbone.dim)
         # The window lives with the heads: tokens cross to their device once, when pushed.
         self.window = StreamingWindow(manifest.frames, shape, device=model_device(model))
-        self.stats = EngineStats()
-        self._image_size: tuple[int, int] | None = None
-        self._last_stamp: float | None = None  # previous sampled frame
-        self._since_offer = 0  # camera frames offered (sampling phase)
-        self._since_prediction = self.stride - 1  # the first complete window predicts
+
+    # The schedule's settings and counters, under the names callers have always used.
+    frame_interval = property(lambda self: self.schedule.frame_interval)
+    stride = property(lambda self: self.schedule.stride)
+    max_gap_s = property(lambda self: self.schedule.max_gap_s)
+    min_frames = property(lambda self: self.schedule.min_frames)
+    stats = property(lambda self: self.schedule.stats)
 
     def reset(self, reason: str | None = None) -> None:
-        if reason:
-            self.stats.resets[reason] += 1
+        self.schedule.reset(reason)
+        self._clear()
+
+    def _clear(self) -> None:
         self.window.reset()
         self.runner.reset()
-        self._since_prediction = self.stride - 1
-
-    def _check_continuity(self, frame: np.ndarray, stamp: float) -> None:
-        size = (int(frame.shape[0]), int(frame.shape[1]))
-        if self._image_size is not None and size != self._image_size:
-            self.reset(RESET_RESIZE)
-        self._image_size = size
-        last, self._last_stamp = self._last_stamp, stamp
-        if last is not None and self.window.count:
-            if stamp < last:
-                self.reset(RESET_BACKWARDS)
-            elif stamp - last > self.max_gap_s:
-                self.reset(RESET_GAP)
 
     def push(self, frame: np.ndarray, stamp: float) -> Prediction | None:
         """Feed one camera frame; returns a prediction when one is due."""
@@ -235,10 +301,7 @@ class StreamingEngine:
         Split from :meth:`process` so a ROS callback can decide cheaply, before converting
         the image, and hand only sampled frames to the inference thread.
         """
-        self.stats.frames_in += 1
-        sampled = self._since_offer % self.frame_interval == 0
-        self._since_offer += 1
-        return sampled
+        return self.schedule.offer()
 
     def process(self, frame: np.ndarray, stamp: float, predict: bool = True) -> Prediction | None:
         """One sampled frame: continuity check, one backbone pass, heads when due.
@@ -248,21 +311,14 @@ class StreamingEngine:
         window, at the cost of fewer predictions rather than of gaps in the window.
         """
         start = time.perf_counter()
-        self._check_continuity(frame, stamp)
+        if self.schedule.admit((int(frame.shape[0]), int(frame.shape[1])), stamp) is not None:
+            self._clear()
         tokens = self.encode(frame)
         self.stats.backbone_passes += 1
-        self.stats.frames_sampled += 1
         frame_id = self.window.push(tokens, stamp)
         self.runner.add_frame(frame_id, tokens)
-        if self.window.size < self.min_frames:
+        if not self.schedule.due(predict):
             return None
-        self._since_prediction += 1
-        if self._since_prediction < self.stride:
-            return None
-        if not predict:
-            self.stats.deferred += 1
-            return None
-        self._since_prediction = 0
         return self._predict(start)
 
     def _predict(self, start: float) -> Prediction:
@@ -274,7 +330,6 @@ class StreamingEngine:
             probs = torch.softmax(logits[spec.task].float(), dim=-1).cpu().numpy()
             tasks[spec.task] = task_result(spec, probs, self.top_k)
         stamps = self.window.window_stamps()
-        self.stats.predictions += 1
         return Prediction(
             stamp=float(stamps[-1]),
             window_start=float(stamps[0]),
@@ -341,6 +396,7 @@ __all__ = [
     "StreamingEngine",
     "StreamingWindow",
     "TaskResult",
+    "WindowSchedule",
     "model_device",
     "task_result",
 ]

@@ -60,7 +60,6 @@ def ground_truth(bag: Path) -> list[Segment]:
         GROUND_TRUTH_TOPIC,
         HUMAN_ACTION_TYPE,
         BagError,
-        deserialize,
         iter_messages,
         open_bag,
         time_to_ns,
@@ -72,7 +71,7 @@ def ground_truth(bag: Path) -> list[Segment]:
         if not conns:
             raise BagError(f"bag {bag} has no {GROUND_TRUTH_TOPIC} topic")
         for _conn, _t, raw in iter_messages(reader, bag, conns):
-            msg = deserialize(raw, HUMAN_ACTION_TYPE)
+            msg = reader.deserialize(raw, HUMAN_ACTION_TYPE)
             segments.append(Segment(int(msg.sequence), time_to_ns(msg.window_start), time_to_ns(msg.header.stamp),
                                     {tp.task: tp.label for tp in msg.tasks}))
     return sorted(segments, key=lambda s: s.start_ns)

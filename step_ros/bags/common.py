@@ -6,7 +6,8 @@ Kilted or later) plus the project's own ``step_ros/msg/HumanAction``, ``TaskPred
 ``LabelScore``, registered from the same ``msg/*.msg`` files rosidl builds the node's messages
 from -- one definition, so a bag written here deserializes in ROS and the other way round.
 
-Images cross this module as ``numpy`` ``(H, W, 3)`` ``uint8`` **RGB** (docs/ARCHITECTURE.md).
+Images cross this module as ``numpy`` ``(H, W, 3)`` ``uint8`` **RGB** (docs/ARCHITECTURE.md);
+reading them back is the node's own code, :mod:`step_ros.ros.conversions` (ROS-free).
 Time is kept in integer nanoseconds where it is written (no float drift over long bags) and
 handed to the model as float seconds, as the node does.
 """
@@ -33,7 +34,6 @@ __all__ = [
     "BagReader",
     "ROS1_SUFFIX",
     "BagError",
-    "ImageDecodeError",
     "COMPRESSED_TYPE",
     "DEFAULT_IMAGE_TOPIC",
     "GROUND_TRUTH_TOPIC",
@@ -56,9 +56,6 @@ __all__ = [
     "header",
     "rgb_to_image",
     "rgb_to_compressed",
-    "image_to_rgb",
-    "compressed_to_rgb",
-    "msg_to_rgb",
     "open_bag",
     "iter_messages",
     "deserialize",
@@ -88,10 +85,6 @@ class BagError(RuntimeError):
 
     The message always names the bag (and the topic where one is involved).
     """
-
-
-class ImageDecodeError(ValueError):
-    """One image message cannot be turned into an RGB frame (unsupported encoding, bad data)."""
 
 
 # --------------------------------------------------------------------------- typestore
@@ -228,64 +221,6 @@ def rgb_to_compressed(frame: np.ndarray, stamp_ns: int, frame_id: str = "camera"
     )
 
 
-_CHANNELS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "8uc1": 1, "8uc3": 3}
-
-
-def image_to_rgb(msg: Any) -> np.ndarray:
-    """RGB frame of a ``sensor_msgs/msg/Image``: rgb8, bgr8, rgba8, bgra8, mono8 (8UC1/8UC3 as mono8/bgr8).
-
-    Row padding (``step`` > width * channels) is handled. Other encodings (16-bit, float depth,
-    Bayer, YUV) raise :class:`ImageDecodeError`.
-    """
-    enc = str(msg.encoding).lower()
-    channels = _CHANNELS.get(enc)
-    if channels is None:
-        raise ImageDecodeError(f"unsupported image encoding {msg.encoding!r} "
-                               f"(supported: rgb8, bgr8, rgba8, bgra8, mono8)")
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    data = np.asarray(msg.data, dtype=np.uint8).reshape(-1)
-    if h <= 0 or w <= 0:
-        raise ImageDecodeError(f"empty image ({w}x{h})")
-    if step < w * channels or data.size < step * (h - 1) + w * channels:
-        raise ImageDecodeError(f"image data too short: {data.size} bytes for {w}x{h} {enc} with step {step}")
-    if data.size < step * h:  # last row unpadded
-        data = np.concatenate([data, np.zeros(step * h - data.size, np.uint8)])
-    rows = data[: step * h].reshape(h, step)[:, : w * channels].reshape(h, w, channels)
-    if enc == "rgb8":
-        return rows.copy()  # a writable frame, not a view of the (read-only) message buffer
-    if enc in ("bgr8", "8uc3"):
-        return np.ascontiguousarray(rows[:, :, ::-1])
-    if enc == "rgba8":
-        return np.ascontiguousarray(rows[:, :, :3])
-    if enc == "bgra8":
-        return np.ascontiguousarray(rows[:, :, 2::-1])
-    return np.ascontiguousarray(np.repeat(rows, 3, axis=2))  # mono8
-
-
-def compressed_to_rgb(msg: Any) -> np.ndarray:
-    """RGB frame of a ``sensor_msgs/msg/CompressedImage`` (jpeg or png; colour or grey)."""
-    fmt = str(msg.format).lower()
-    if "compresseddepth" in fmt:
-        raise ImageDecodeError(f"unsupported compressed image format {msg.format!r} (depth images)")
-    if fmt and not any(k in fmt for k in ("jpeg", "jpg", "png")):
-        raise ImageDecodeError(f"unsupported compressed image format {msg.format!r} (supported: jpeg, png)")
-    data = np.asarray(msg.data, dtype=np.uint8).reshape(-1)
-    if data.size == 0:
-        raise ImageDecodeError("empty compressed image data")
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if img is None:
-        raise ImageDecodeError(f"OpenCV cannot decode the {msg.format or 'compressed'} data ({data.size} bytes)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def msg_to_rgb(msg: Any, msgtype: str) -> np.ndarray:
-    if msgtype == IMAGE_TYPE:
-        return image_to_rgb(msg)
-    if msgtype == COMPRESSED_TYPE:
-        return compressed_to_rgb(msg)
-    raise ImageDecodeError(f"{msgtype} is not an image message type ({', '.join(IMAGE_TYPES)})")
-
-
 # --------------------------------------------------------------------------- reading
 
 # What rosbags and its storage back ends raise on a damaged file (besides its own errors).
@@ -328,6 +263,7 @@ class BagReader:
         self.ros_version = ros_version
         self.connections = list(reader.connections)
         self.store = self._build_typestore()
+        self._cdr_store: Any = None
 
     def _build_typestore(self) -> Any:
         from rosbags.interfaces import MessageDefinitionFormat
@@ -380,10 +316,20 @@ class BagReader:
         return self.store.deserialize_cdr(rawdata, msgtype)
 
     def to_cdr(self, rawdata: bytes, msgtype: str) -> bytes:
-        """The message as ROS 2 CDR bytes (what ``rclpy`` publishes), converting ROS 1 messages."""
-        if self.ros_version == 1:
-            return bytes(self.store.ros1_to_cdr(rawdata, msgtype))
-        return bytes(rawdata)
+        """The message as ROS 2 CDR bytes (what ``rclpy`` publishes), converting ROS 1 messages.
+
+        As ``rosbags``' own ROS 1 -> 2 converter does: the bag's types, with ROS 2's
+        ``std_msgs/Header`` (no ``seq``), whose conversion drops the ROS 1 ``seq``.
+        """
+        if self.ros_version == 2:
+            return bytes(rawdata)
+        if self._cdr_store is None:
+            from rosbags.typesys import Stores, get_typestore
+
+            self._cdr_store = get_typestore(Stores.EMPTY)
+            self._cdr_store.register({**self.store.fielddefs,
+                                      "std_msgs/msg/Header": typestore().fielddefs["std_msgs/msg/Header"]})
+        return bytes(self._cdr_store.ros1_to_cdr(rawdata, msgtype))
 
 
 @contextmanager

@@ -9,9 +9,11 @@ Definitions (docs/BAGS.md, "Metrics for planners"), per task:
 - **time to recognition**: from an action's start to the stamp of the first prediction inside it
   that is confident, stable and correct (the newest frame's stamp: when the node can publish);
   median and p95 over recognised actions, and the share never recognised;
-- **false switches**: changes of the predicted label between consecutive scored windows inside
-  one interval, per minute of observed time (first to last scored window of each interval);
-  also counted over the confident and stable predictions only, what a cautious planner acts on;
+- **false switches**: changes of the predicted label, between consecutive scored windows inside
+  one interval, to a label other than the interval's (a change *to* the right label is the
+  recognition, measured above), per minute of observed time (first to last scored window of
+  each interval); also counted over the confident and stable predictions only, what a cautious
+  planner acts on;
 - **counterpart share**: of the scored windows whose true class has a nearly symmetric twin,
   the share that names the twin.
 """
@@ -133,18 +135,21 @@ def _recognition(task: str, intervals: list[Interval], records: list[Record], st
     }
 
 
+def _false_switches(labels: list[str], truth: str) -> int:
+    return sum(a != b and b != truth for a, b in zip(labels, labels[1:]))
+
+
 def _switches(task: str, scored: list[tuple[Record, Interval]]) -> dict:
-    by_iv: dict[int, list[Record]] = {}
+    by_iv: dict[int, tuple[Interval, list[Record]]] = {}
     for r, iv in scored:
-        by_iv.setdefault(id(iv), []).append(r)
+        by_iv.setdefault(id(iv), (iv, []))[1].append(r)
     switches = stable_switches = 0
     observed = 0.0
-    for rs in by_iv.values():
+    for iv, rs in by_iv.values():
         rs = sorted(rs, key=lambda r: r.stamp)
-        labels = [r.labels[task] for r in rs]
-        switches += sum(a != b for a, b in zip(labels, labels[1:]))
+        switches += _false_switches([r.labels[task] for r in rs], iv.label)
         held = [r.labels[task] for r in rs if r.confident.get(task) and r.stable.get(task)]
-        stable_switches += sum(a != b for a, b in zip(held, held[1:]))
+        stable_switches += _false_switches(held, iv.label)
         observed += rs[-1].stamp - rs[0].stamp
     per_min = (lambda k: _r(60.0 * k / observed, 3) if observed > 0 else None)
     return {"switches": switches, "per_min": per_min(switches), "confident_stable_switches": stable_switches,

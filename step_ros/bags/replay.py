@@ -302,7 +302,8 @@ def _camera_rate(stamps: list[float], max_gap_s: float) -> float | None:
 def plot_timeline(spec: HeadSpec, records: list[dict], truth: Truth, path: str | Path, t0: float, t_end: float,
                   title: str = "", row_s: float = 60.0, rows_per_page: int = 4) -> list[Path]:
     """True label (grey bars) against every prediction (green right, red wrong, blue unlabelled
-    time) of one task over bag time, ``row_s`` seconds per row, ``rows_per_page`` rows per PNG
+    time; faded when the window spans two actions, which window accuracy does not score) of one
+    task over bag time, ``row_s`` seconds per row, ``rows_per_page`` rows per PNG
     (``timeline_<task>.png``, then ``_2``, ``_3``... for long bags).  Nearly symmetric classes
     are shaded and named in orange."""
     from ..figures import plt, save_figure
@@ -318,6 +319,7 @@ def plot_timeline(spec: HeadSpec, records: list[dict], truth: Truth, path: str |
     true = [r["tasks"][task].get("true") for r in records]
     ok = np.array([t is not None and r["tasks"][task]["label"] == t for r, t in zip(records, true)], dtype=bool)
     bad = np.array([t is not None and r["tasks"][task]["label"] != t for r, t in zip(records, true)], dtype=bool)
+    scored = np.array([bool(r["tasks"][task].get("scored")) for r in records], dtype=bool)
     base = Path(path)
     paths = []
     for page, first in enumerate(range(0, n_rows, rows_per_page)):
@@ -335,9 +337,10 @@ def plot_timeline(spec: HeadSpec, records: list[dict], truth: Truth, path: str |
                             solid_capstyle="butt")
             sel = (xs >= lo) & (xs < hi)
             for mask, colour in ((ok, "tab:green"), (bad, "tab:red"), (~ok & ~bad, "tab:blue")):
-                m = sel & mask
-                if m.any():
-                    ax.scatter(xs[m], ys[m], s=9, color=colour, zorder=3)
+                for in_one, alpha in ((scored, 1.0), (~scored, 0.3)):
+                    m = sel & mask & in_one
+                    if m.any():
+                        ax.scatter(xs[m], ys[m], s=9, color=colour, alpha=alpha, zorder=3, lw=0)
             ax.set_xlim(lo, hi)
             ax.set_ylim(-0.7, len(labels) - 0.3)
             ax.set_yticks(range(len(labels)), labels, fontsize=7)
@@ -350,8 +353,10 @@ def plot_timeline(spec: HeadSpec, records: list[dict], truth: Truth, path: str |
         handles = [plt.Line2D([], [], color="0.35", lw=6, alpha=0.45, label="true label"),
                    plt.Line2D([], [], marker="o", ls="", color="tab:green", label="predicted, right"),
                    plt.Line2D([], [], marker="o", ls="", color="tab:red", label="predicted, wrong"),
-                   plt.Line2D([], [], marker="o", ls="", color="tab:blue", label="predicted, unlabelled time")]
-        axes[0, 0].legend(handles=handles, fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=4,
+                   plt.Line2D([], [], marker="o", ls="", color="tab:blue", label="predicted, unlabelled time"),
+                   plt.Line2D([], [], marker="o", ls="", color="tab:red", alpha=0.3,
+                              label="faded: window spans two actions (not scored)")]
+        axes[0, 0].legend(handles=handles, fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=5,
                           frameon=False)
         pages = math.ceil(n_rows / rows_per_page)
         suffix = f" (page {page + 1} of {pages})" if pages > 1 else ""

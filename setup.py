@@ -13,6 +13,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["step_ros", "step_ros.*"]),
+    # the datasets' nearly symmetric pairs and the papers' published figures (step-ros import / benchmark)
+    package_data={"step_ros.data.importers": ["pairs/*.yaml", "papers/*.yaml"]},
     # the message definitions, so rosbags can decode step_ros messages without the source tree
     data_files=[("share/step_ros/msg", sorted(str(p) for p in Path("msg").glob("*.msg")))],
     install_requires=[

@@ -143,6 +143,49 @@ def cmd_compare(args):
                 val_fraction=args.val_fraction)
 
 
+def _import_options(args):
+    from .data.importers import ImportOptions
+
+    return ImportOptions(protocol=args.protocol, view=args.view, fraction=args.fraction, seed=args.seed,
+                         skip_missing=args.skip_missing)
+
+
+def _add_import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", help="ntu60, ntu120, ikea_asm, drive_and_act or ssv2 (docs/datasets/)")
+    p.add_argument("--root", type=Path, required=True, help="the dataset as downloaded (docs/datasets/<DATASET>.md)")
+    p.add_argument("--protocol", default=None, help="the dataset's protocol / split (default: its standard one)")
+    p.add_argument("--view", default=None, help="camera view, where the dataset has several")
+    p.add_argument("--fraction", type=float, default=None,
+                   help="Something-Something v2 low-data protocol: share of each class to train on (0.05, 0.10, 0.25)")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="leave out listed videos that are absent (counted and reported) instead of stopping")
+
+
+def cmd_import(args):
+    from .console import console
+    from .data.importers import run_import
+
+    _, summary = run_import(args.dataset, args.root, args.out, _import_options(args))
+    splits = ", ".join(f"{s}: {v['rows']}" for s, v in summary["splits"].items())
+    classes = ", ".join(f"{t} {n} classes" for t, n in summary["classes"].items())
+    pairs = ", ".join(f"{t} {n} pairs" for t, n in summary["pairs"].items()) or "no pairs file"
+    console.print(f"{args.dataset} ({summary['protocol']}): {summary['rows']} samples ({splits}); {classes}; {pairs}")
+    if summary["missing_videos"]:
+        console.print(f"left out {summary['missing_videos']} listed videos that are missing (see import.json)")
+    console.print(f"wrote {args.out}/annotations.csv, labels.yaml, pairs.yaml, import.json")
+
+
+def cmd_benchmark(args):
+    from .benchmark import RECIPES, run_benchmark
+
+    if args.optimizer is None:
+        args.optimizer = RECIPES.get(args.dataset, {}).get("optimizer", "adamw")
+    run_benchmark(args.dataset, args.root, args.out, _import_options(args), arch=args.arch, weights=args.weights,
+                  random_seed=args.random_weights, template=args.template, kinds=args.kinds.split(","),
+                  config=_train_config(args), runtime=_runtime(args), tokens=_tokens(args), num_clips=args.clips,
+                  val_fraction=args.val_fraction, cache_root=args.cache)
+
+
 def cmd_migrate_cache(args):
     from .console import console
     from .training.cache import migrate
@@ -257,6 +300,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", default="step,attentive,self_attention,linear")
     p.add_argument("--clips", type=int, default=3)
     _add_train_args(p)
+
+    p = add("import", cmd_import, "a public dataset in its publisher's layout -> annotations.csv, labels, pairs")
+    _add_import_args(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0, help="seed of the low-data sampling")
+
+    p = add("benchmark", cmd_benchmark,
+            "the papers' comparison on a public dataset: import, extract, train and evaluate each head kind")
+    _add_import_args(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--arch", choices=["vits14", "vitb14"], default="vitb14", help="DINOv2 size (papers: ViT-B/14)")
+    w = p.add_mutually_exclusive_group(required=True)
+    w.add_argument("--weights", type=Path, help="DINOv2 checkpoint: a Meta .pth or a Hugging Face folder")
+    w.add_argument("--random-weights", type=int, metavar="SEED",
+                   help="seeded random backbone: a smoke test of the pipeline, its figures mean nothing")
+    p.add_argument("--template", type=Path, default=None,
+                   help="model template (default: models/templates/<dataset>_<arch>.yaml)")
+    p.add_argument("--kinds", default="step,attentive,self_attention,linear")
+    p.add_argument("--clips", type=int, default=3, help="temporal views per video at test time (papers: 3)")
+    _add_train_args(p)
+    p.set_defaults(optimizer=None)  # the dataset's recipe (SGD on NTU, AdamW elsewhere) unless given
+    _add_token_args(p, load=True)
+    _add_runtime_args(p)
 
     p = add("reproduce-demo", cmd_reproduce_demo, "regenerate models/demo from scratch (data, cache, training)")
     p.add_argument("--out", type=Path, default=DEMO_MANIFEST.parent)

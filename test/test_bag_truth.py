@@ -30,7 +30,7 @@ from step_ros.bags.common import (
 )
 from step_ros.bags.record import record
 from step_ros.bags.replay import replay_eval
-from step_ros.bags.truth import Interval, Truth, TruthError
+from step_ros.bags.truth import Interval, Truth, TruthError, TruthSources
 from step_ros.data.synthetic import ATOMIC_ACTIONS, FINE_ACTIONS, OBJECTS, SYMMETRIC_PAIRS, generate
 from step_ros.model.manifest import parse_manifest
 from step_ros.model.multitask import MultiTaskModel, save_head
@@ -225,7 +225,7 @@ def _same_scores(got: dict, want: dict, tasks) -> None:
 def test_foreign_bag_with_label_topics_scores_as_the_project_format(ref, tmp_path, writer):
     bag = WRITERS[writer](ref, tmp_path)
     report = replay_eval(bag, ref["manifest"], tmp_path / "eval", model=ref["model"], quiet=True, progress=False,
-                         save_probs=True, truth_topics=[f"{LABEL_TOPIC}=fine_action"])
+                         save_probs=True, truth=TruthSources(topics=[f"{LABEL_TOPIC}=fine_action"]))
     base = ref["base"]
     # the same frames in a foreign bag (bgr8, another topic name) give the same predictions
     assert report["image_topic"] == "/camera/color/image_raw"
@@ -237,7 +237,7 @@ def test_foreign_bag_with_label_topics_scores_as_the_project_format(ref, tmp_pat
     assert report["tasks_without_ground_truth"] == ["atomic_action", "object_in_use"]
     # a stamped custom type (defined only in the bag), read by field path, stamped by its header
     obj = replay_eval(bag, ref["manifest"], None, model=ref["model"], quiet=True, progress=False, save_probs=True,
-                      truth_topics=[f"{OBJECT_TOPIC}=object_in_use"], truth_field="name")
+                      truth=TruthSources(topics=[f"{OBJECT_TOPIC}=object_in_use"], label_field="name"))
     _same_scores(obj, base, ["object_in_use"])
     assert (tmp_path / "eval" / "predictions.csv").read_text().splitlines()[0].startswith("stamp,t,window_start")
 
@@ -256,14 +256,14 @@ def test_annotation_csv_and_json_score_as_the_project_format(ref, tmp_path):
     csv_path.write_text("start,end,fine_action,atomic_action,object_in_use,notes\n" + "".join(
         f"{s!r},{e!r},{lab['fine_action']},{lab['atomic_action']},{lab['object_in_use']},seen\n" for s, e, lab in rows))
     report = replay_eval(ref["bag"], ref["manifest"], None, model=ref["model"], quiet=True, progress=False,
-                         save_probs=True, annotations=csv_path)
+                         save_probs=True, truth=TruthSources(annotations=csv_path))
     _same_scores(report, ref["base"], ["fine_action", "atomic_action", "object_in_use"])
     # JSON, in bag time
     items = [{"start": (s * NS + t0) / NS, "end": (e * NS + t0) / NS, "labels": lab} for s, e, lab in rows]
     js = tmp_path / "ann.json"
     js.write_text(json.dumps({"intervals": items}))
     report = replay_eval(ref["bag"], ref["manifest"], None, model=ref["model"], quiet=True, progress=False,
-                         save_probs=True, annotations=js, annotation_time="bag")
+                         save_probs=True, truth=TruthSources(annotations=js, annotation_time="bag"))
     _same_scores(report, ref["base"], ["fine_action", "atomic_action", "object_in_use"])
 
 
@@ -295,7 +295,8 @@ def test_elan_export_is_read_tier_per_task(ref, tmp_path):
         '<LINGUISTIC_TYPE CONSTRAINTS="Symbolic_Association" LINGUISTIC_TYPE_ID="sub" TIME_ALIGNABLE="false"/>'
         '</ANNOTATION_DOCUMENT>')
     report = replay_eval(ref["bag"], ref["manifest"], None, model=ref["model"], quiet=True, progress=False,
-                         save_probs=True, annotations=eaf, task_map=["Action=fine_action"])
+                         save_probs=True,
+                         truth=TruthSources(annotations=eaf, task_map=["Action=fine_action"]))
     base = ref["base"]
     for task in ("fine_action", "object_in_use"):
         g, w = report["tasks"][task]["contexts"]["all"], base["tasks"][task]["contexts"]["all"]
@@ -399,7 +400,7 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(ref, tmp_path):
     # a label topic with several tasks in the manifest needs TASK
     with pytest.raises(TruthError, match="name the task it labels"):
         replay_eval(write_ros1(ref, tmp_path / "a.bag"), ref["manifest"], None, model=ref["model"], quiet=True,
-                    progress=False, truth_topics=[LABEL_TOPIC])
+                    progress=False, truth=TruthSources(topics=[LABEL_TOPIC]))
 
 
 def test_ros1_messages_become_ros2_cdr_for_play(ref, tmp_path):

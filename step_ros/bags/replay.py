@@ -31,6 +31,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,16 @@ from .common import (
     time_to_seconds,
 )
 from .metrics import Record, score
-from .truth import TIME_BASES, Truth, TruthError, from_annotation_file, from_label_topic, from_project_topic, \
-    parse_mapping
+from .truth import (
+    TIME_BASES,
+    Truth,
+    TruthError,
+    TruthSources,
+    from_annotation_file,
+    from_label_topic,
+    from_project_topic,
+    parse_mapping,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,32 +148,19 @@ def _recorded_actions(reader: BagReader, exclude: set[str]) -> dict[str, list[Re
     return out
 
 
-def load_truth(
-    reader: BagReader,
-    manifest: Manifest,
-    t0: float,
-    *,
-    truth_topics: list[str] | None = None,
-    truth_field: str = "data",
-    end_markers: tuple[str, ...] = ("",),
-    annotations: str | os.PathLike[str] | None = None,
-    annotation_time: str = "relative",
-    task_map: dict[str, str] | list[str] | None = None,
-    label_map: dict[str, str] | list[str] | None = None,
-    ignore_labels: list[str] | tuple[str, ...] = (),
-) -> Truth:
-    """The bag's ground truth from the sources named (docs/BAGS.md, "Ground truth sources").
+def load_truth(reader: BagReader, manifest: Manifest, t0: float, sources: TruthSources | None = None) -> Truth:
+    """The bag's ground truth from ``sources`` (default: its ``/ground_truth`` topic, if any).
 
-    ``truth_topics``: ``TOPIC`` or ``TOPIC=TASK`` each; a HumanAction topic is read as the
-    project's format (every task), any other type as a label topic of one task (field
-    ``truth_field``).  Nothing named: ``/ground_truth`` when the bag has it.  ``annotations``:
-    a ``.csv`` / ``.json`` / ELAN ``.eaf`` file.  A task may have one source only.
+    A task may have one source only; the truth is checked against the manifest and the bag
+    before anything runs (:meth:`Truth.check`).  ``t0``: the first image's stamp, the zero of
+    relative annotation times.
     """
+    sources = sources or TruthSources()
     topics = _topic_table(reader)
     tasks = manifest.tasks
-    sources: list[tuple[str, list]] = []
-    named = list(truth_topics or [])
-    if not named and annotations is None and GROUND_TRUTH_TOPIC in topics:
+    found: list[tuple[str, list]] = []
+    named = list(sources.topics)
+    if not named and sources.annotations is None and GROUND_TRUTH_TOPIC in topics:
         named = [GROUND_TRUTH_TOPIC]
     for item in named:
         topic, _, task = str(item).partition("=")
@@ -172,7 +168,7 @@ def load_truth(
             raise BagError(f"bag {reader.path} has no truth topic {topic!r}; its topics: {', '.join(sorted(topics))}")
         msgtype = topics[topic][0]
         if msgtype == HUMAN_ACTION_TYPE:
-            sources.append((f"topic {topic} (HumanAction segments)", from_project_topic(reader, topic, SEGMENT_TOPIC)))
+            found.append((f"topic {topic} (HumanAction segments)", from_project_topic(reader, topic, SEGMENT_TOPIC)))
             continue
         if not task:
             if len(tasks) != 1:
@@ -181,25 +177,25 @@ def load_truth(
             task = tasks[0]
         if task not in tasks:
             raise TruthError(f"--truth-topic {item}: {task!r} is not a task of the manifest ({', '.join(tasks)})")
-        sources.append((f"topic {topic} ({msgtype}, field {truth_field}) -> {task}",
-                        from_label_topic(reader, topic, task, truth_field, end_markers)))
-    if annotations is not None:
-        sources.append((f"file {annotations} ({annotation_time} time)", from_annotation_file(
-            annotations, tasks, t0, annotation_time, parse_mapping(task_map, "--task-map"))))
+        found.append((f"topic {topic} ({msgtype}, field {sources.label_field}) -> {task}",
+                      from_label_topic(reader, topic, task, sources.label_field, sources.end_markers)))
+    if sources.annotations is not None:
+        found.append((f"file {sources.annotations} ({sources.annotation_time} time)", from_annotation_file(
+            sources.annotations, tasks, t0, sources.annotation_time, parse_mapping(sources.task_map, "--task-map"))))
     owner: dict[str, str] = {}
-    for name, ivs in sources:
+    for name, ivs in found:
         for task in {iv.task for iv in ivs}:
             if owner.setdefault(task, name) != name:
                 raise TruthError(f"task {task!r} has ground truth from two sources: {owner[task]} and {name}")
-    relabel = parse_mapping(label_map, "--label-map")
-    ignore = set(ignore_labels)
+    relabel = parse_mapping(sources.label_map, "--label-map")
+    ignore = set(sources.ignore_labels)
     intervals = []
-    for _, ivs in sources:
+    for _, ivs in found:
         for iv in ivs:
             iv.label = relabel.get(iv.label, iv.label)
             if iv.label not in ignore:
                 intervals.append(iv)
-    truth = Truth(intervals, [name for name, _ in sources])
+    truth = Truth(intervals, [name for name, _ in found])
     truth.check(manifest, ns_to_seconds(reader.start_time), ns_to_seconds(reader.end_time))
     return truth
 
@@ -445,15 +441,8 @@ def replay_eval(
     runner: Any = "auto",
     encode: Any = None,
     model: Any = None,
-    truth_topics: list[str] | None = None,
+    truth: TruthSources | None = None,
     ground_truth_topic: str | None = None,
-    truth_field: str = "data",
-    end_markers: tuple[str, ...] = ("",),
-    annotations: str | os.PathLike[str] | None = None,
-    annotation_time: str = "relative",
-    task_map: dict[str, str] | list[str] | None = None,
-    label_map: dict[str, str] | list[str] | None = None,
-    ignore_labels: list[str] | tuple[str, ...] = (),
     use_log_time: bool = False,
     save_probs: bool = False,
     timeline_row_s: float = 60.0,
@@ -471,9 +460,9 @@ def replay_eval(
     ``stable_count``: the node's parameters.  ``encode``: ``None`` (torch backbone), an inference
     backend name or a callable frame -> tokens.  ``model``: an already built MultiTaskModel.
 
-    Ground truth (see :func:`load_truth`): ``truth_topics`` (``ground_truth_topic`` is the old
-    name of one), ``truth_field``, ``end_markers``, ``annotations`` + ``annotation_time`` +
-    ``task_map``, then ``label_map`` and ``ignore_labels``.  ``use_log_time``: stamp frames with
+    ``truth``: where the ground truth comes from (:class:`~step_ros.bags.truth.TruthSources`;
+    default the bag's ``/ground_truth``); ``ground_truth_topic`` is the old name of one truth
+    topic.  ``use_log_time``: stamp frames with
     the bag's receive time instead of ``header.stamp``.  ``save_probs``: keep every class
     probability.  ``device``: where heads and the torch backbone run.
 
@@ -492,10 +481,9 @@ def replay_eval(
         raise ValueError(f"pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
-    if annotation_time not in TIME_BASES:
-        raise ValueError(f"annotation_time must be one of {', '.join(TIME_BASES)}, got {annotation_time!r}")
+    truth = truth or TruthSources()
     if ground_truth_topic is not None:
-        truth_topics = [*(truth_topics or []), ground_truth_topic]
+        truth = replace(truth, topics=[*truth.topics, ground_truth_topic])
 
     # -- what is in the bag, and the truth (fails early, before loading a model)
     with open_bag(bag_path) as reader:
@@ -505,11 +493,9 @@ def replay_eval(
         t0_truth = first if first is not None else ns_to_seconds(reader.start_time)
         if model is not None:
             manifest = getattr(model, "manifest", None) or manifest
-        truth = load_truth(reader, manifest, t0_truth, truth_topics=truth_topics, truth_field=truth_field,
-                           end_markers=end_markers, annotations=annotations, annotation_time=annotation_time,
-                           task_map=task_map, label_map=label_map, ignore_labels=ignore_labels)
-        truth_topic_names = {str(t).partition("=")[0] for t in (truth_topics or [])}
-        if not truth_topics and annotations is None and GROUND_TRUTH_TOPIC in topics:
+        sources, truth = truth, load_truth(reader, manifest, t0_truth, truth)
+        truth_topic_names = {str(t).partition("=")[0] for t in sources.topics}
+        if not sources.topics and sources.annotations is None and GROUND_TRUTH_TOPIC in topics:
             truth_topic_names.add(GROUND_TRUTH_TOPIC)
         recorded = _recorded_actions(reader, truth_topic_names)
     if not truth:
@@ -822,10 +808,11 @@ def main(args: argparse.Namespace) -> int:
         args.bag, args.manifest, args.out, image_topic=args.image_topic, pipeline=args.pipeline,
         batch_size=args.batch_size, stride=args.stride, alpha=args.alpha, threshold=args.threshold,
         stable_count=args.stable_count, max_gap_s=args.max_gap_s, min_frames=args.min_frames, runner=args.runner,
-        encode=args.backend, truth_topics=args.truth_topic, ground_truth_topic=args.ground_truth_topic,
-        truth_field=args.truth_field, end_markers=tuple(args.truth_end) if args.truth_end else ("",),
-        annotations=args.annotations, annotation_time=args.annotation_time, task_map=args.task_map,
-        label_map=args.label_map, ignore_labels=args.ignore_label, use_log_time=args.log_time,
+        encode=args.backend, ground_truth_topic=args.ground_truth_topic, use_log_time=args.log_time,
+        truth=TruthSources(topics=args.truth_topic or [], label_field=args.truth_field,
+                           end_markers=tuple(args.truth_end) if args.truth_end else ("",),
+                           annotations=args.annotations, annotation_time=args.annotation_time,
+                           task_map=args.task_map, label_map=args.label_map, ignore_labels=args.ignore_label),
         save_probs=args.save_probs, timeline_row_s=args.timeline_row_s, progress=not args.no_progress,
         device=args.device,
     )

@@ -49,7 +49,7 @@ from .common import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Interval", "Truth", "TruthError", "ANNOTATION_SUFFIXES", "OUTSIDE_TOLERANCE_S", "TIME_BASES",
+__all__ = ["Interval", "Truth", "TruthError", "TruthSources", "ANNOTATION_SUFFIXES", "OUTSIDE_TOLERANCE_S", "TIME_BASES",
            "from_project_topic", "from_label_topic", "from_annotation_file", "parse_mapping"]
 
 #: Stamps are compared after a float conversion of integer nanoseconds; allow for rounding.
@@ -60,6 +60,32 @@ OUTSIDE_TOLERANCE_S = 1.0
 TIME_BASES = ("relative", "bag")
 ANNOTATION_SUFFIXES = (".csv", ".json", ".eaf")
 _RESERVED_COLUMNS = {"start", "end", "context"}
+
+
+@dataclass
+class TruthSources:
+    """Where a bag's ground truth comes from (``replay-eval``'s ``--truth-*`` options; docs/BAGS.md).
+
+    ``topics``: ``TOPIC`` or ``TOPIC=TASK`` each: a HumanAction topic is the project's format
+    (every task), any other type a label topic of one task, read from ``label_field`` and ended by
+    ``end_markers``.  Nothing named: ``/ground_truth`` when the bag has it.  ``annotations``: a
+    ``.csv`` / ``.json`` / ELAN ``.eaf`` file, its times ``annotation_time`` (``relative`` to the
+    first image, or ``bag`` time), its columns / tiers renamed by ``task_map``.  Then every label
+    is renamed by ``label_map`` and ``ignore_labels`` become unlabelled time.
+    """
+
+    topics: list[str] = field(default_factory=list)
+    label_field: str = "data"
+    end_markers: tuple[str, ...] = ("",)
+    annotations: str | Path | None = None
+    annotation_time: str = "relative"
+    task_map: Mapping[str, str] | list[str] | None = None
+    label_map: Mapping[str, str] | list[str] | None = None
+    ignore_labels: tuple[str, ...] | list[str] = ()
+
+    def __post_init__(self) -> None:
+        if self.annotation_time not in TIME_BASES:
+            raise TruthError(f"annotation time base must be one of {', '.join(TIME_BASES)}, got {self.annotation_time!r}")
 
 
 class TruthError(ValueError):

@@ -90,8 +90,10 @@ def cmd_synth(args):
     from .data.synthetic import generate
 
     per_class = {"train": args.train, "val": args.val, "test": args.test}
+    # the same actions over the same time at any frame rate: --num-frames is counted at 15 fps
+    num_frames = max(2, round(args.num_frames * args.fps / 15.0))
     csv = generate(args.out, seed=args.seed, videos_per_class=per_class, unknown_per_class=args.unknown,
-                   size=args.size, num_frames=args.num_frames)
+                   size=args.size, num_frames=num_frames, fps=args.fps)
     print(f"wrote {csv}")
 
 
@@ -264,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="known-context test videos per class")
     p.add_argument("--unknown", type=int, default=8, help="unknown-context test videos per class")
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--num-frames", type=int, default=40)
+    p.add_argument("--num-frames", type=int, default=40, help="frames per video at 15 fps (the action's duration)")
+    p.add_argument("--fps", type=float, default=15.0,
+                   help="frame rate: the same actions over the same time, rendered with fps/15 times the frames")
 
     p = add("params", cmd_params, "print trainable parameter counts of every head kind")
     p.add_argument("--arch", nargs="+", default=["dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14"])

@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..model.manifest import HeadSpec, Manifest, load_manifest
-from ..model.streaming import PredictionSmoother, ReferenceRunner, StreamingEngine
+from ..model.streaming import SAMPLING_MODES, PredictionSmoother, ReferenceRunner, StreamingEngine, sampling_period
 from ..ros import conversions
 from .common import (
     GROUND_TRUTH_TOPIC,
@@ -203,10 +203,11 @@ def load_truth(reader: BagReader, manifest: Manifest, t0: float, sources: TruthS
 # --------------------------------------------------------------------------- frames
 
 
-def _frames(bag_path: Path, topic: str, stop: threading.Event, use_log_time: bool, offer: Callable[[], bool]
-            ) -> Iterator[tuple[str, float | None, Any]]:
-    """The node's intake, in bag order: ``("sampled", stamp, rgb)``, ``("skipped", stamp, None)``
-    (a valid frame the sampling passes over: never converted) or ``("invalid", stamp, reason)``.
+def _frames(bag_path: Path, topic: str, stop: threading.Event, use_log_time: bool,
+            offer: Callable[[float], int]) -> Iterator[tuple[str, float | None, Any, int]]:
+    """The node's intake, in bag order: ``("sampled", stamp, rgb, slots)``, ``("skipped", stamp,
+    None, 0)`` (a valid frame the sampling passes over: never converted) or ``("invalid", stamp,
+    reason, 0)``.
 
     As in the node's callback, the cheap header checks come first and only valid frames are
     offered to the sampler; a sampled frame whose pixels then fail to decode is counted invalid.
@@ -219,7 +220,7 @@ def _frames(bag_path: Path, topic: str, stop: threading.Event, use_log_time: boo
             try:
                 msg = reader.deserialize(raw, conn.msgtype)
             except Exception as exc:  # noqa: BLE001 - corrupt payload
-                yield "invalid", None, f"undeserializable {conn.msgtype} ({type(exc).__name__})"
+                yield "invalid", None, f"undeserializable {conn.msgtype} ({type(exc).__name__})", 0
                 continue
             stamp = ns_to_seconds(log_ns) if use_log_time else time_to_seconds(msg.header.stamp)
             try:
@@ -227,12 +228,13 @@ def _frames(bag_path: Path, topic: str, stop: threading.Event, use_log_time: boo
                     conversions.validate_image(msg)
                 else:
                     conversions.validate_compressed(msg)
-                if not offer():
-                    yield "skipped", stamp, None
+                slots = offer(stamp)
+                if not slots:
+                    yield "skipped", stamp, None, 0
                     continue
-                yield "sampled", stamp, conversions.msg_to_rgb(msg)
+                yield "sampled", stamp, conversions.msg_to_rgb(msg), slots
             except conversions.ImageError as exc:
-                yield "invalid", stamp, f"{exc.reason}: {exc}"
+                yield "invalid", stamp, f"{exc.reason}: {exc}", 0
 
 
 def _prefetch(make: Callable[[threading.Event], Iterator[Any]], size: int = _PREFETCH) -> Iterator[Any]:
@@ -431,6 +433,7 @@ def replay_eval(
     image_topic: str | None = None,
     pipeline: str = "batched",
     batch_size: int = 32,
+    sampling: str = "auto",
     stride: int = 1,
     alpha: float = 1.0,
     threshold: float = 0.5,
@@ -512,6 +515,7 @@ def replay_eval(
         device = resolve_device(device)
         model.to(device)
     engine_kwargs: dict[str, Any] = {} if max_gap_s is None else {"max_gap_s": max_gap_s}
+    engine_kwargs["sample_period_s"] = sampling_period(manifest, sampling)
     encoder = _make_encode(encode, model, device)
     runner = _choose_runner(runner, pipeline, model)
     if pipeline == "batched":
@@ -533,6 +537,7 @@ def replay_eval(
     invalid: Counter = Counter()
     sizes: Counter = Counter()
     valid_stamps: list[float] = []
+    sampled_stamps: list[float] = []
     resets_seen = 0
 
     def take(resets: int, pred: Any) -> None:
@@ -555,7 +560,7 @@ def replay_eval(
     started = time.perf_counter()
     frames_iter = _prefetch(lambda stop: _frames(bag_path, topic, stop, use_log_time, engine.offer))
     with tqdm(total=topics[topic][1], desc=f"replay {bag_path.name}", unit="frame", disable=not progress) as bar:
-        for kind, stamp, payload in frames_iter:
+        for kind, stamp, payload, slots in frames_iter:
             bar.update()
             if kind == "invalid":
                 if not invalid:
@@ -565,12 +570,13 @@ def replay_eval(
             valid_stamps.append(stamp)
             if kind == "skipped":
                 continue
+            sampled_stamps.append(stamp)
             sizes[f"{payload.shape[1]}x{payload.shape[0]}"] += 1
             if pipeline == "batched":
-                for resets, pred in engine.add(payload, stamp):
+                for resets, pred in engine.add(payload, stamp, slots):
                     take(resets, pred)
             else:
-                pred = engine.process(payload, stamp)
+                pred = engine.process(payload, stamp, slots=slots)
                 if pred is not None:
                     take(sum(engine.stats.resets.values()), pred)
         if pipeline == "batched":
@@ -612,14 +618,19 @@ def replay_eval(
     stats = engine.stats
     rate = _camera_rate(valid_stamps, engine.max_gap_s)
     k, frames = engine.frame_interval, manifest.frames
+    period = engine.sample_period_s if engine.sample_period_s is not None else (None if rate is None else k / rate)
+    measured = _camera_rate(sampled_stamps, engine.max_gap_s)
     latency_model = {
-        "frames": frames, "frame_interval": k, "stride": stride, "stable_count": stable_count,
-        "threshold": threshold, "alpha": alpha, "camera_rate_hz": None if rate is None else round(rate, 3),
-        "sample_period_s": None if rate is None else round(k / rate, 4),
-        "window_span_s": None if rate is None else round((frames - 1) * k / rate, 4),
-        "prediction_period_s": None if rate is None else round(stride * k / rate, 4),
-        "earliest_after_reset_s": None if rate is None else round(
-            ((frames - 1) * k + (stable_count - 1) * stride * k) / rate, 4),
+        "frames": frames, "frame_interval": k, "sampling": engine.schedule.mode, "stride": stride,
+        "stable_count": stable_count, "threshold": threshold, "alpha": alpha,
+        "camera_rate_hz": None if rate is None else round(rate, 3),
+        "sample_period_s": None if period is None else round(period, 4),
+        "sampled_period_measured_s": None if measured is None else round(1.0 / measured, 4),
+        "repeated_slots": int(stats.repeated),
+        "window_span_s": None if period is None else round((frames - 1) * period, 4),
+        "prediction_period_s": None if period is None else round(stride * period, 4),
+        "earliest_after_reset_s": None if period is None else round(
+            ((frames - 1) + (stable_count - 1) * stride) * period, 4),
     }
     intervals = {}
     for task, ivs in truth.by_task.items():
@@ -635,7 +646,8 @@ def replay_eval(
         "truth": {"sources": truth.sources, "tasks": {t: len(v) for t, v in truth.by_task.items()},
                   "contexts": truth.contexts},
         "pipeline": pipeline,
-        "settings": {"frames": frames, "frame_interval": k, "stride": stride, "alpha": alpha, "threshold": threshold,
+        "settings": {"frames": frames, "frame_interval": k, "sampling": engine.schedule.mode,
+                     "sample_period_s": engine.sample_period_s, "stride": stride, "alpha": alpha, "threshold": threshold,
                      "stable_count": stable_count, "max_gap_s": engine.max_gap_s, "min_frames": engine.min_frames,
                      "runner": runner_name, "batch_size": batch_size if pipeline == "batched" else None,
                      "encode": "torch" if encode is None else (encode if isinstance(encode, str) else "custom"),
@@ -735,9 +747,13 @@ def _print_report(report: dict, bag_path: Path, console: Any, pct: Callable, pri
         ["backbone passes", fr["backbone_passes"]],
         ["predictions (scored / not)", f"{report['num_predictions']} ({report['num_matched']} / {report['num_unmatched']})"],
         ["window resets", ", ".join(f"{k} {v}" for k, v in report["resets"].items()) or "0"],
-        ["latency model", f"camera {_fmt_s(lm['camera_rate_hz'])} Hz, {lm['frames']} frames every "
-                          f"{lm['frame_interval']}: window {_fmt_s(lm['window_span_s'])} s, earliest stable after a "
-                          f"reset {_fmt_s(lm['earliest_after_reset_s'])} s"],
+        ["latency model", f"camera {_fmt_s(lm['camera_rate_hz'])} Hz, {lm['frames']} samples every "
+                          + (f"{lm['sample_period_s']:.3f} s (by time)" if lm["sampling"] == "time" and lm["sample_period_s"]
+                             else f"{lm['frame_interval']} frames")
+                          + f": window {_fmt_s(lm['window_span_s'])} s, earliest stable after a reset "
+                          f"{_fmt_s(lm['earliest_after_reset_s'])} s"
+                          + (f"; {lm['repeated_slots']} slots filled by a repeated frame (slow camera)"
+                             if lm["repeated_slots"] else "")],
     ]
     if lat["n"]:
         rows.append(["compute per prediction ms (median / p95 / max)", f"{lat['median_ms']} / {lat['p95_ms']} / {lat['max_ms']}"])
@@ -775,6 +791,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     truth.add_argument("--ignore-label", action="append", default=[], metavar="LABEL",
                        help="truth label to treat as unlabelled time (e.g. idle, background)")
     node = parser.add_argument_group("the node's parameters")
+    node.add_argument("--sampling", choices=("auto", *SAMPLING_MODES), default="auto",
+                      help="time: sample by stamps every sample_period_s of the manifest (auto, when it has one); "
+                           "frames: every frame_interval-th frame")
     node.add_argument("--stride", type=int, default=1, help="predict every n-th sampled frame")
     node.add_argument("--alpha", type=float, default=1.0, help="smoothing weight of the newest prediction (1 = none)")
     node.add_argument("--threshold", type=float, default=0.5, help="confidence threshold")
@@ -805,7 +824,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     report = replay_eval(
-        args.bag, args.manifest, args.out, image_topic=args.image_topic, pipeline=args.pipeline,
+        args.bag, args.manifest, args.out, image_topic=args.image_topic, pipeline=args.pipeline, sampling=args.sampling,
         batch_size=args.batch_size, stride=args.stride, alpha=args.alpha, threshold=args.threshold,
         stable_count=args.stable_count, max_gap_s=args.max_gap_s, min_frames=args.min_frames, runner=args.runner,
         encode=args.backend, ground_truth_topic=args.ground_truth_topic, use_log_time=args.log_time,

@@ -80,6 +80,7 @@ class BatchedEngine:
         encode: Callable | None = None,
         runner: HeadRunner | None = None,
         batch_size: int = 32,
+        sample_period_s: float | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -87,7 +88,7 @@ class BatchedEngine:
         self.model = model
         self.specs = list(manifest.heads)
         self.schedule = WindowSchedule(manifest.frames, frame_interval or manifest.frame_interval, stride=stride,
-                                       max_gap_s=max_gap_s, min_frames=min_frames)
+                                       max_gap_s=max_gap_s, min_frames=min_frames, sample_period_s=sample_period_s)
         self.top_k = top_k
         self.batch_size = batch_size
         self.device = model_device(model)
@@ -100,28 +101,34 @@ class BatchedEngine:
         self.runner = runner
         self._events: list[Any] = []  # in order: _RESET, a frame id, a _Due
         self._next_id = 0
+        self._alias: dict[int, int] = {}  # window slot id -> the id whose frame was encoded
         self._pending = 0  # due predictions not computed yet
 
     frame_interval = property(lambda self: self.schedule.frame_interval)
+    sample_period_s = property(lambda self: self.schedule.sample_period_s)
     max_gap_s = property(lambda self: self.schedule.max_gap_s)
     min_frames = property(lambda self: self.schedule.min_frames)
     stats = property(lambda self: self.schedule.stats)
 
-    def offer(self) -> bool:
-        return self.schedule.offer()
+    def offer(self, stamp: float | None = None) -> int:
+        return self.schedule.offer(stamp)
 
-    def add(self, frame: np.ndarray, stamp: float) -> list[tuple[int, Prediction]]:
-        """One sampled frame; returns the predictions that are now computed (maybe none)."""
-        if self.schedule.admit((int(frame.shape[0]), int(frame.shape[1])), stamp) is not None:
+    def add(self, frame: np.ndarray, stamp: float, slots: int = 1) -> list[tuple[int, Prediction]]:
+        """One sampled frame (filling ``slots`` window slots, see ``WindowSchedule``); returns the
+        predictions that are now computed (maybe none)."""
+        if self.schedule.admit((int(frame.shape[0]), int(frame.shape[1])), stamp, slots) is not None:
             self._window.clear()
             self._events.append(_RESET)
-        sid = self._next_id
-        self._next_id += 1
-        self._window.append(sid)
-        self._stamps[sid] = stamp
-        self._frames.append((sid, frame))
-        self._events.append(sid)
-        if self.schedule.due():
+        first = self._next_id
+        self._frames.append((first, frame))
+        for i in range(min(slots, self.schedule.frames)):  # repeats share the first one's tokens
+            sid = self._next_id
+            self._next_id += 1
+            self._window.append(sid)
+            self._stamps[sid] = stamp
+            self._alias[sid] = first
+            self._events.append(sid)
+        if self.schedule.due(slots=slots):
             ids = list(self._window)
             padded = [ids[0]] * (self.schedule.frames - len(ids)) + ids
             self._events.append(_Due(padded, [self._stamps[i] for i in ids], len(ids), self.stats.predictions,
@@ -137,10 +144,16 @@ class BatchedEngine:
         events, self._events, self._pending = self._events, [], 0
         out = self._run_heads(events) if self.runner is None else self._run_runner(events)
         keep = set(self._window)
-        for sid in [s for s in self._tokens if s not in keep]:
-            del self._tokens[sid]
+        for sid in [s for s in self._stamps if s not in keep]:
             del self._stamps[sid]
+            del self._alias[sid]
+        used = {self._alias[s] for s in keep}
+        for sid in [s for s in self._tokens if s not in used]:
+            del self._tokens[sid]
         return out
+
+    def _token(self, sid: int) -> torch.Tensor:
+        return self._tokens[self._alias[sid]]
 
     @torch.inference_mode()
     def _encode_waiting(self) -> None:
@@ -174,9 +187,9 @@ class BatchedEngine:
             if e is _RESET:
                 self.runner.reset()
             elif isinstance(e, int):
-                self.runner.add_frame(e, self._tokens[e])
+                self.runner.add_frame(e, self._token(e))
             else:
-                window = torch.stack([self._tokens[sid] for sid in e.ids])
+                window = torch.stack([self._token(sid) for sid in e.ids])
                 logits = self.runner.predict(window, np.asarray(e.ids))
                 out.append(self._prediction(e, {spec.task: torch.softmax(logits[spec.task].float(), dim=-1).cpu().numpy()
                                                 for spec in self.specs}))
@@ -191,10 +204,10 @@ class BatchedEngine:
         out: list[tuple[int, Prediction]] = []
         for i in range(0, len(due), self.batch_size):
             chunk = due[i : i + self.batch_size]
-            sids = sorted({sid for d in chunk for sid in d.ids})
+            sids = sorted({self._alias[sid] for d in chunk for sid in d.ids})
             where = {sid: i for i, sid in enumerate(sids)}
             frames = torch.stack([self._tokens[sid] for sid in sids])  # each frame once
-            index = torch.tensor([[where[sid] for sid in d.ids] for d in chunk], device=frames.device)
+            index = torch.tensor([[where[self._alias[sid]] for sid in d.ids] for d in chunk], device=frames.device)
             probs = {}
             for spec in self.specs:
                 head = self.model.heads[spec.task]

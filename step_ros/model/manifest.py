@@ -8,7 +8,9 @@ backbone:
   # random_seed: 0             # instead of weights: explicit random-weights mode
   image_size: 224
 frames: 16                     # T, frames per window
-frame_interval: 2              # sample every k-th camera frame
+frame_interval: 2              # sample every k-th frame of the training videos
+sample_period_s: 0.0667        # the time between two samples: frame_interval / the videos' fps
+                               # (filled in by `train`); the node samples cameras by time
 heads:
   - task: fine_action
     kind: step                 # step | attentive | self_attention | linear
@@ -104,6 +106,9 @@ class Manifest:
     heads: list[HeadSpec]
     frames: int = 16
     frame_interval: int = 2
+    #: Seconds between two samples of a window, as trained (frame_interval / the training videos'
+    #: frame rate).  None: an old manifest; cameras are then sampled every frame_interval-th frame.
+    sample_period_s: float | None = None
     name: str = "model"
     description: str = ""
     path: Path | None = None
@@ -126,8 +131,10 @@ class Manifest:
             backbone=self.backbone.to_dict(base),
             frames=self.frames,
             frame_interval=self.frame_interval,
-            heads=[h.to_dict(base) for h in self.heads],
         )
+        if self.sample_period_s is not None:
+            out["sample_period_s"] = round(float(self.sample_period_s), 9)
+        out["heads"] = [h.to_dict(base) for h in self.heads]
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -191,7 +198,7 @@ def _path(value: str | None, base: Path) -> Path | None:
 def parse_manifest(data: Any, base: Path, source: str = "manifest") -> Manifest:
     """Validate a manifest mapping; relative paths resolve against ``base``."""
     top = _Fields(data, "", source)
-    top.unknown({"name", "description", "backbone", "frames", "frame_interval", "heads"})
+    top.unknown({"name", "description", "backbone", "frames", "frame_interval", "sample_period_s", "heads"})
     bb = _Fields(top.get("backbone", dict), "backbone", source)
     bb.unknown({"arch", "weights", "random_seed", "image_size", "overrides", "fingerprint"})
     from .backbone import ARCHS
@@ -215,6 +222,7 @@ def parse_manifest(data: Any, base: Path, source: str = "manifest") -> Manifest:
     )
     frames = top.get("frames", int, 16, positive=True)
     interval = top.get("frame_interval", int, 1, positive=True)
+    period = top.get("sample_period_s", (int, float), None, positive=True)
     raw_heads = top.get("heads", list)
     if not raw_heads:
         raise top.fail("heads", "needs at least one head")
@@ -260,6 +268,7 @@ def parse_manifest(data: Any, base: Path, source: str = "manifest") -> Manifest:
         heads=heads,
         frames=frames,
         frame_interval=interval,
+        sample_period_s=None if period is None else float(period),
         name=top.get("name", str, "model"),
         description=top.get("description", str, ""),
     )

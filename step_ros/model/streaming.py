@@ -160,7 +160,12 @@ class EngineStats:
     backbone_passes: int = 0
     predictions: int = 0
     deferred: int = 0  # due predictions postponed by the caller (``process(predict=False)``)
+    repeated: int = 0  # time sampling: window slots filled again by the nearest frame (camera too slow)
     resets: Counter = field(default_factory=Counter)
+
+
+#: How cameras are sampled: by time (every ``sample_period_s``, the model's) or every k-th frame.
+SAMPLING_MODES = ("time", "frames")
 
 
 class WindowSchedule:
@@ -169,14 +174,32 @@ class WindowSchedule:
 
     One object decides for the live :class:`StreamingEngine` and for the batched offline engine
     (``step_ros.model.batched``), so both see the same windows by construction.
+
+    Sampling (docs/ROS.md, "Sampling by time"):
+
+    - ``sample_period_s`` given: by time.  Sample times lie on a grid ``period`` apart; each takes
+      the first frame at or after ``target - h``, ``h`` being half the smaller of the period and
+      the camera's frame period (measured from the stamps).  At the camera's rate, jittered or
+      not, that is the frame nearest the sample time; after a dropped frame it may be one frame
+      further, and after a run of them the first frame after the hole, because the decision is
+      made when a frame arrives, without waiting for the next one (no added latency).  The grid
+      does not drift.  A camera slower than the model needs
+      leaves sample times without a frame of their own; the nearest frame then fills them too
+      (``offer`` returns 2 or more slots, counted in ``stats.repeated``), so a window still spans
+      the time the model was trained on.  A jump of more than ``max_gap_s`` restarts the grid.
+    - otherwise every ``frame_interval``-th frame, whatever its stamp (old manifests, or
+      ``sampling: frames`` on purpose).
     """
 
     def __init__(self, frames: int, frame_interval: int, *, stride: int = 1, max_gap_s: float = 1.0,
-                 min_frames: int | None = None) -> None:
+                 min_frames: int | None = None, sample_period_s: float | None = None) -> None:
         if frame_interval < 1:
             raise ValueError(f"frame_interval must be >= 1, got {frame_interval}")
+        if sample_period_s is not None and not sample_period_s > 0:
+            raise ValueError(f"sample_period_s must be positive, got {sample_period_s}")
         self.frames = frames
         self.frame_interval = frame_interval
+        self.sample_period_s = sample_period_s
         self.stride = max(1, stride)
         self.max_gap_s = max_gap_s
         self.min_frames = min(frames, min_frames or frames)
@@ -186,6 +209,13 @@ class WindowSchedule:
         self._last_stamp: float | None = None  # previous sampled frame
         self._since_offer = 0  # camera frames offered (sampling phase)
         self._since_prediction = self.stride - 1  # the first complete window predicts
+        self._next_t: float | None = None  # time sampling: the next sample time
+        self._last_offer_t: float | None = None
+        self.camera_period_s: float | None = None  # the camera's frame period from stamps (moving average)
+
+    @property
+    def mode(self) -> str:
+        return "frames" if self.sample_period_s is None else "time"
 
     @property
     def size(self) -> int:
@@ -198,16 +228,43 @@ class WindowSchedule:
         self.count = 0
         self._since_prediction = self.stride - 1
 
-    def offer(self) -> bool:
-        """Count one camera frame; True if it is a sampled frame (every k-th)."""
+    def offer(self, stamp: float | None = None) -> int:
+        """Count one camera frame; the number of window slots it fills: 0 (not sampled), 1, or
+        more (time sampling, a camera slower than the model's period)."""
         self.stats.frames_in += 1
-        sampled = self._since_offer % self.frame_interval == 0
-        self._since_offer += 1
-        return sampled
+        last = self._last_offer_t
+        if stamp is not None:
+            stamp = float(stamp)
+            self._last_offer_t = stamp
+            if last is not None and 0 < stamp - last <= self.max_gap_s:
+                dt = stamp - last  # a slow exponential average of the camera's frame period
+                self.camera_period_s = dt if self.camera_period_s is None else 0.9 * self.camera_period_s + 0.1 * dt
+        if self.sample_period_s is None or stamp is None:
+            sampled = self._since_offer % self.frame_interval == 0
+            self._since_offer += 1
+            return int(sampled)
+        return self._offer_time(stamp, last)
 
-    def admit(self, size: tuple[int, int], stamp: float) -> str | None:
-        """One sampled frame of image ``size`` (H, W) enters the window; returns the reason the
-        window was reset first (a gap, time going backwards, a new image size), if it was."""
+    def _offer_time(self, t: float, last: float | None) -> int:
+        period = self.sample_period_s
+        if self._next_t is None or last is None or t < last or t - self._next_t > self.max_gap_s:
+            self._next_t = t + period  # (re)start the grid on this frame
+            return 1
+        half = 0.5 * min(period, self.camera_period_s or period)
+        if t < self._next_t - half:
+            return 0
+        slots = 0
+        while self._next_t <= t + half and slots < self.frames:  # every sample time this frame is nearest to
+            self._next_t += period
+            slots += 1
+        if self._next_t <= t + half:  # more than a window's worth missed: restart the grid here
+            self._next_t = t + period
+        self.stats.repeated += slots - 1
+        return slots
+
+    def admit(self, size: tuple[int, int], stamp: float, slots: int = 1) -> str | None:
+        """One sampled frame of image ``size`` (H, W) enters the window (``slots`` times); returns
+        the reason the window was reset first (a gap, time going backwards, a new image size)."""
         reason = None
         if self._image_size is not None and size != self._image_size:
             reason = RESET_RESIZE
@@ -220,16 +277,16 @@ class WindowSchedule:
                 reason = RESET_GAP
         if reason is not None:
             self.reset(reason)
-        self.count += 1
+        self.count += slots
         self.stats.frames_sampled += 1
         return reason
 
-    def due(self, predict: bool = True) -> bool:
+    def due(self, predict: bool = True, slots: int = 1) -> bool:
         """After :meth:`admit`: is a prediction due now?  ``predict=False`` postpones a due one
         to the next sampled frame (counted in ``stats.deferred``)."""
         if self.size < self.min_frames:
             return False
-        self._since_prediction += 1
+        self._since_prediction += slots
         if self._since_prediction < self.stride:
             return False
         if not predict:
@@ -238,6 +295,26 @@ class WindowSchedule:
         self._since_prediction = 0
         self.stats.predictions += 1
         return True
+
+
+def sampling_period(manifest: Manifest, mode: str = "auto") -> float | None:
+    """The sample period to run ``manifest`` with: ``auto`` / ``time`` -> the manifest's
+    ``sample_period_s`` (an old manifest without it: a warning, then every k-th frame);
+    ``frames`` -> None (every ``frame_interval``-th frame, on purpose)."""
+    if mode not in ("auto", *SAMPLING_MODES):
+        raise ValueError(f"sampling must be auto, time or frames, got {mode!r}")
+    if mode == "frames":
+        return None
+    if manifest.sample_period_s is None:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "model %s has no sample_period_s (an old manifest): sampling one camera frame in %d, whatever the "
+            "camera's rate; a camera at another rate than the training videos shows the model faster or slower "
+            "motion. Add sample_period_s = frame_interval / the training videos' fps to the manifest",
+            manifest.name, manifest.frame_interval)
+        return None
+    return manifest.sample_period_s
 
 
 class StreamingEngine:
@@ -262,11 +339,12 @@ class StreamingEngine:
         top_k: int = 3,
         runner: HeadRunner | None = None,
         encode: Callable[[np.ndarray], torch.Tensor] | None = None,
+        sample_period_s: float | None = None,
     ) -> None:
         manifest: Manifest = model.manifest
         self.model = model
         self.schedule = WindowSchedule(manifest.frames, frame_interval or manifest.frame_interval, stride=stride,
-                                       max_gap_s=max_gap_s, min_frames=min_frames)
+                                       max_gap_s=max_gap_s, min_frames=min_frames, sample_period_s=sample_period_s)
         self.top_k = top_k
         self.runner = runner or ReferenceRunner(model)
         self.encode = encode or (lambda frame: model.backbone.encode(frame)[0])
@@ -276,6 +354,7 @@ class StreamingEngine:
 
     # The schedule's settings and counters, under the names callers have always used.
     frame_interval = property(lambda self: self.schedule.frame_interval)
+    sample_period_s = property(lambda self: self.schedule.sample_period_s)
     stride = property(lambda self: self.schedule.stride)
     max_gap_s = property(lambda self: self.schedule.max_gap_s)
     min_frames = property(lambda self: self.schedule.min_frames)
@@ -291,19 +370,20 @@ class StreamingEngine:
 
     def push(self, frame: np.ndarray, stamp: float) -> Prediction | None:
         """Feed one camera frame; returns a prediction when one is due."""
-        if not self.offer():
+        slots = self.offer(stamp)
+        if not slots:
             return None
-        return self.process(frame, stamp)
+        return self.process(frame, stamp, slots=slots)
 
-    def offer(self) -> bool:
-        """Count one camera frame; True if it is a sampled frame (every k-th).
+    def offer(self, stamp: float | None = None) -> int:
+        """Count one camera frame; the window slots it fills (0: not sampled; see WindowSchedule).
 
         Split from :meth:`process` so a ROS callback can decide cheaply, before converting
         the image, and hand only sampled frames to the inference thread.
         """
-        return self.schedule.offer()
+        return self.schedule.offer(stamp)
 
-    def process(self, frame: np.ndarray, stamp: float, predict: bool = True) -> Prediction | None:
+    def process(self, frame: np.ndarray, stamp: float, predict: bool = True, slots: int = 1) -> Prediction | None:
         """One sampled frame: continuity check, one backbone pass, heads when due.
 
         ``predict=False`` postpones a due prediction to the next sampled frame (counted in
@@ -311,13 +391,14 @@ class StreamingEngine:
         window, at the cost of fewer predictions rather than of gaps in the window.
         """
         start = time.perf_counter()
-        if self.schedule.admit((int(frame.shape[0]), int(frame.shape[1])), stamp) is not None:
+        if self.schedule.admit((int(frame.shape[0]), int(frame.shape[1])), stamp, slots) is not None:
             self._clear()
         tokens = self.encode(frame)
         self.stats.backbone_passes += 1
-        frame_id = self.window.push(tokens, stamp)
-        self.runner.add_frame(frame_id, tokens)
-        if not self.schedule.due(predict):
+        for _ in range(min(slots, self.window.frames)):  # a slow camera's frame fills missed sample times
+            frame_id = self.window.push(tokens, stamp)
+            self.runner.add_frame(frame_id, tokens)
+        if not self.schedule.due(predict, slots):
             return None
         return self._predict(start)
 
@@ -395,8 +476,10 @@ __all__ = [
     "SmoothedTask",
     "StreamingEngine",
     "StreamingWindow",
+    "SAMPLING_MODES",
     "TaskResult",
     "WindowSchedule",
+    "sampling_period",
     "model_device",
     "task_result",
 ]

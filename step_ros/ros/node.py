@@ -175,8 +175,13 @@ _PARAMETERS: list[tuple[str, Any, str, dict[str, Any]]] = [
                                    "if a cached one matches", {}),
     ("head_runner", "fast", "how heads run on the window: fast (exact incremental STEP engine) | reference "
                             "(plain forward)", {}),
-    ("frame_interval", 0, "sample every k-th valid camera frame into the window; 0 = the manifest's "
-                          "frame_interval", {"integer_range": (0, 1000)}),
+    ("sampling", "auto", "how camera frames are sampled into the window: time (by header stamps, every "
+                         "sample_period_s of the manifest, the frame nearest each sample time) | frames (every "
+                         "frame_interval-th frame) | auto (time when the manifest has sample_period_s and "
+                         "frame_interval is 0, else frames)", {}),
+    ("frame_interval", 0, "frame-count sampling: sample every k-th valid camera frame into the window; 0 = the "
+                          "manifest's frame_interval; > 0 selects frame-count sampling under sampling:=auto",
+     {"integer_range": (0, 1000)}),
     ("prediction_stride", 1, "predict (and publish) every n-th sampled frame", {"integer_range": (1, 1000)}),
     ("max_backlog", 2, "sampled frames that may wait for the inference thread; when full the oldest is dropped "
                        "(counted as dropped_busy)", {"integer_range": (1, 100)}),
@@ -237,6 +242,8 @@ class HumanActionNode(Node):
         self.processed = 0
         self.published = 0
         self.processing_errors = 0
+        self._last_sampled_t: float | None = None
+        self._sampled_period: float | None = None
         self._engine_snapshot: dict[str, Any] = {"backbone_passes": 0, "resets": {}, "deferred": 0}
         # per diagnostics period (under _lock)
         self._latency_ms: list[float] = []
@@ -318,7 +325,13 @@ class HumanActionNode(Node):
 
         from step_ros.model.manifest import load_manifest
         from step_ros.model.multitask import MultiTaskModel
-        from step_ros.model.streaming import PredictionSmoother, ReferenceRunner, StreamingEngine
+        from step_ros.model.streaming import (
+            SAMPLING_MODES,
+            PredictionSmoother,
+            ReferenceRunner,
+            StreamingEngine,
+            sampling_period,
+        )
 
         p = self.p
         if p["num_threads"] > 0:
@@ -352,10 +365,15 @@ class HumanActionNode(Node):
                 self.get_logger().warning(f"head_runner 'fast' unavailable ({type(exc).__name__}: {exc}); "
                                           f"using the reference runner")
         runner = runner or ReferenceRunner(model)
+        sampling = p["sampling"]
+        if sampling not in ("auto", *SAMPLING_MODES):
+            raise ValueError(f"parameter sampling must be auto, time or frames, got {sampling!r}")
+        if sampling == "auto" and p["frame_interval"]:
+            sampling = "frames"  # an explicit frame_interval asks for frame-count sampling
         self.engine = StreamingEngine(
             model, frame_interval=p["frame_interval"] or None, stride=p["prediction_stride"],
             max_gap_s=p["max_gap_s"], min_frames=1 if p["publish_incomplete"] else None, top_k=p["top_k"],
-            runner=runner, encode=encode,
+            runner=runner, encode=encode, sample_period_s=sampling_period(manifest, sampling),
         )
         self.smoother = PredictionSmoother(manifest, alpha=p["smoothing_alpha"], threshold=p["confidence_threshold"],
                                            stable_count=p["stable_count"], top_k=p["top_k"])
@@ -415,9 +433,10 @@ class HumanActionNode(Node):
         self._offer(msg)
 
     def _offer(self, msg: Any) -> None:
-        if not self.engine.offer():
+        slots = self.engine.offer(stamp_seconds(msg.header.stamp))
+        if not slots:
             return
-        dropped = self._queue.put(msg)
+        dropped = self._queue.put((msg, slots))
         with self._lock:
             self.sampled += 1
             if dropped:
@@ -456,11 +475,12 @@ class HumanActionNode(Node):
         """
         try:
             while not self._stop.is_set() and not should_stop():
-                msg = self._queue.take(timeout=0.25)
-                if msg is None:
+                item = self._queue.take(timeout=0.25)
+                if item is None:
                     continue
+                msg, slots = item
                 try:
-                    self._handle(msg)
+                    self._handle(msg, slots)
                 except ImageError as exc:
                     self._bad_input(exc.reason, str(exc), msg)
                 except Exception as exc:  # noqa: BLE001 - one failing frame must not stop the node
@@ -473,17 +493,22 @@ class HumanActionNode(Node):
         finally:
             self._inference_done.set()
 
-    def _handle(self, msg: Any) -> None:
+    def _handle(self, msg: Any, slots: int = 1) -> None:
         started = time.perf_counter()
         frame = conversions.msg_to_rgb(msg)
         stamp = msg.header.stamp
         t = stamp_seconds(stamp)
         self._remember_stamp(t, stamp)
+        with self._lock:
+            if self._last_sampled_t is not None and 0 < t - self._last_sampled_t <= self.p["max_gap_s"]:
+                dt = t - self._last_sampled_t  # moving average of the time between two sampled frames
+                self._sampled_period = dt if self._sampled_period is None else 0.9 * self._sampled_period + 0.1 * dt
+            self._last_sampled_t = t
         engine = self.engine
         resets_before = sum(engine.stats.resets.values())
         behind = len(self._queue) > 0 and self._deferred_in_row < self.p["max_deferrals"]
         deferred_before = engine.stats.deferred
-        prediction = engine.process(frame, t, predict=not behind)
+        prediction = engine.process(frame, t, predict=not behind, slots=slots)
         if engine.stats.deferred != deferred_before:
             self._deferred_in_row += 1
         elif prediction is not None:
@@ -676,6 +701,12 @@ class HumanActionNode(Node):
             ("backend", f"{self.backend_name}{' (' + self.backend_info + ')' if self.backend_info else ''}"),
             ("head runner", self.runner_name),
             ("heads device", str(self.heads_device)),
+            ("sampling", (f"time: every {self.engine.sample_period_s:.4f} s" if self.engine.sample_period_s
+                          else f"frames: every {self.engine.frame_interval}")),
+            ("camera rate from stamps (Hz)", _fmt(1.0 / self.engine.schedule.camera_period_s, 2)
+             if self.engine.schedule.camera_period_s else "-"),
+            ("sample period measured (s)", f"{self._sampled_period:.4f}" if self._sampled_period else "-"),
+            ("repeated samples (camera slower than the model)", str(self.engine.stats.repeated)),
             ("frame interval", str(self.engine.frame_interval)),
             ("frames per window", str(self.manifest.frames)),
             ("image conversion", conversions.converter_name()),

@@ -8,6 +8,7 @@ job runs the same under ``torchrun``: ranks share the work, rank 0 writes and pr
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from .loader import Split, StreamedTokens, TokenSource, TokensInRam, row_step
 from .report import plot_comparison, plot_confusion, plot_per_class, print_evaluation
 from .runtime import Runtime
 from .train import STATE_FILE, TrainConfig, TrainResult, label_indices, save_trained, train_heads
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path("runs/cache")
 LOADS = ("stream", "ram")
@@ -132,6 +135,8 @@ def _train(
                          state_path=state_path, resume=resume, progress=runtime.is_main)
     manifest = copy.deepcopy(manifest)
     manifest.backbone.fingerprint = backbone.fingerprint  # heads only fit these exact weights
+    if manifest.sample_period_s is None:  # what the node needs to sample any camera by time
+        manifest.sample_period_s = training_sample_period(train_ds, manifest.frame_interval)
     extra = {"runtime": {"device": str(runtime.device), "precision": runtime.precision,
                          "world_size": runtime.world_size, "workers": runtime.workers},
              "tokens": asdict(tokens), "num_train": len(train_ds), "num_val": len(val_ds) if val_ds else 0}
@@ -148,6 +153,34 @@ def _train(
             spec.checkpoint = head_path(out, spec.task)
     runtime.barrier()
     return trained, result, backbone
+
+
+def training_sample_period(dataset: Dataset, frame_interval: int, limit: int = 200) -> float | None:
+    """``frame_interval`` / the training videos' frame rate (PyAV's; the median over up to ``limit``
+    videos, a warning when they differ): the time between two samples the heads learned."""
+    import numpy as np
+
+    from ..data.video import video_info
+
+    videos = sorted({str(s.video) for s in dataset})
+    if len(videos) > limit:
+        videos = [videos[i] for i in np.linspace(0, len(videos) - 1, limit).round().astype(int)]
+    rates = []
+    for v in videos:
+        try:
+            fps = video_info(v).fps
+        except Exception:  # noqa: BLE001 - an unreadable header: training already decoded it or failed
+            continue
+        if fps and fps > 0:
+            rates.append(fps)
+    if not rates:
+        return None
+    lo, mid, hi = float(min(rates)), float(np.median(rates)), float(max(rates))
+    if hi > lo * 1.01:
+        log.warning("training videos have different frame rates (%.3g to %.3g fps); sample_period_s is set from "
+                    "the median, %.3g fps, but training samples every %d-th frame of each video", lo, hi, mid,
+                    frame_interval)
+    return frame_interval / mid
 
 
 def train_job(

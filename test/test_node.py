@@ -523,6 +523,11 @@ def test_publishes_offline_predictions(raw_node, raw_stream, listener, offline):
     assert d["frames sampled"] == "12" and d["backbone passes"] == "12" and d["published"] == "12"
     assert d["head runner"] in ("fast", "reference") and d["backend"].startswith("torch")
     assert "tiny" in d["model"] and d["frame interval"] == str(K)
+    # the tiny manifest has no sample_period_s (an old one): frame-count sampling, the camera's rate
+    # and the sample period are still measured from the stamps (20 Hz camera, every 2nd frame)
+    assert d["sampling"] == f"frames: every {K}" and d["repeated samples (camera slower than the model)"] == "0"
+    assert float(d["camera rate from stamps (Hz)"]) == pytest.approx(20.0, rel=0.01)
+    assert float(d["sample period measured (s)"]) == pytest.approx(K / 20.0, rel=0.01)
     for key in ("input rate (Hz)", "inference rate (Hz)", "published rate (Hz)", "latency median (ms)",
                 "latency p95 (ms)", "compute median (ms)"):
         assert key in d

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import ROOT, tiny_manifest_dict
 
@@ -42,7 +43,9 @@ WAIT_S = 15.0
 T, K, IMAGE_SIZE = 4, 2, 42  # tiny manifest: frames, frame interval, backbone input
 RAW_TOPIC, RAW_OUT = "/test/image", "/test/human_action"
 COMP_TOPIC, COMP_OUT = "/testc/image/compressed", "/testc/human_action"
-RAW_FQN, COMP_FQN = "/human_action", "/human_action_compressed"
+TIME_TOPIC, TIME_OUT = "/testt/image", "/testt/human_action"
+RAW_FQN, COMP_FQN, TIME_FQN = "/human_action", "/human_action_compressed", "/human_action_timed"
+PERIOD_S = 0.1  # the timed node's manifest: sample_period_s
 FRAME_ID = "test_cam"
 BASE_NS = 1_700_000_000 * 10**9
 
@@ -263,13 +266,14 @@ class Listener:
         self.node = rclpy.create_node("step_ros_node_test", context=self.context)
         reliable = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
         self.cond = threading.Condition()
-        self.actions: dict[str, list] = {RAW_OUT: [], COMP_OUT: []}
-        self.diags: dict[str, list] = {RAW_FQN: [], COMP_FQN: []}
+        self.actions: dict[str, list] = {RAW_OUT: [], COMP_OUT: [], TIME_OUT: []}
+        self.diags: dict[str, list] = {RAW_FQN: [], COMP_FQN: [], TIME_FQN: []}
         self.subs = {topic: self.node.create_subscription(
             HumanAction, topic, lambda m, t=topic: self._add(self.actions[t], m), reliable) for topic in self.actions}
         self.diag_sub = self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, reliable)
         self.raw_pub = self.node.create_publisher(Image, RAW_TOPIC, reliable)
         self.comp_pub = self.node.create_publisher(CompressedImage, COMP_TOPIC, reliable)
+        self.time_pub = self.node.create_publisher(Image, TIME_TOPIC, reliable)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self._spin, daemon=True)
@@ -359,7 +363,15 @@ def processes(tiny_manifest, tmp_path_factory):
                                       "-r", "__node:=human_action_compressed",
                                       "-r", f"image/compressed:={COMP_TOPIC}", "-r", f"human_action:={COMP_OUT}"],
                        logs / "compressed.log")
-    procs = {"raw": raw, "compressed": comp}
+    # the same model with sample_period_s in its manifest: the node samples by header stamps
+    timed_manifest = tiny_manifest.with_name("tiny_timed.yaml")
+    data = yaml.safe_load(tiny_manifest.read_text())
+    data["sample_period_s"] = PERIOD_S
+    timed_manifest.write_text(yaml.safe_dump(data, sort_keys=False))
+    timed = NodeProcess("timed", [*common, "-p", f"manifest:={timed_manifest}", "-p", "publish_incomplete:=true",
+                                  "-r", "__node:=human_action_timed", "-r", f"image:={TIME_TOPIC}",
+                                  "-r", f"human_action:={TIME_OUT}"], logs / "timed.log")
+    procs = {"raw": raw, "compressed": comp, "timed": timed}
     yield procs
     for p in procs.values():  # always: whatever the tests did
         p.kill()
@@ -452,6 +464,11 @@ def raw_stream(raw_node, listener):
 
 
 @pytest.fixture(scope="module")
+def timed_node(processes, listener):
+    return _ready(listener, processes["timed"], listener.time_pub, TIME_OUT)
+
+
+@pytest.fixture(scope="module")
 def compressed_node(processes, listener):
     return _ready(listener, processes["compressed"], listener.comp_pub, COMP_OUT)
 
@@ -531,6 +548,32 @@ def test_publishes_offline_predictions(raw_node, raw_stream, listener, offline):
     for key in ("input rate (Hz)", "inference rate (Hz)", "published rate (Hz)", "latency median (ms)",
                 "latency p95 (ms)", "compute median (ms)"):
         assert key in d
+
+
+def test_a_time_sampled_node_takes_the_frame_nearest_each_sample_time(timed_node, listener, offline):
+    """Manifest sample_period_s 0.1 s, camera at 40 Hz: every 4th frame, by header stamps, and the
+    predictions are the offline ones for those frames; /diagnostics reports the camera's rate."""
+    stream = Stream(listener, TIME_OUT, listener.time_pub, compressed=False)
+    frames = _clip("put_down", seed=3, n=24)
+    dt_ns = 25_000_000
+    sampled = []
+    for i, frame in enumerate(frames):
+        stamp = BASE_NS + i * dt_ns
+        before = len(stream.received())
+        stream.send_raw(stream.message(frame, stamp), valid=True)
+        if i % 4 == 0:  # the sample times t0, t0 + 0.1 s, ...: the frame nearest each
+            sampled.append((stamp, frame))
+            listener.wait(lambda: any(_ns(m.header.stamp) == stamp for m in stream.received()[before:]),
+                          what=f"the prediction for frame {i}")
+    messages = stream.received()
+    assert [_ns(m.header.stamp) for m in messages] == [s for s, _ in sampled]
+    check_predictions(messages, sampled, offline, pad=True, first_sequence=1)
+    d = listener.diag(TIME_FQN, lambda d: int(d["frames received"]) == len(frames)
+                      and int(d["frames processed"]) == len(sampled))
+    assert d["sampling"] == f"time: every {PERIOD_S:.4f} s" and d["dropped_busy"] == "0"
+    assert float(d["camera rate from stamps (Hz)"]) == pytest.approx(40.0, rel=0.01)
+    assert float(d["sample period measured (s)"]) == pytest.approx(PERIOD_S, rel=0.01)
+    assert d["repeated samples (camera slower than the model)"] == "0"
 
 
 def test_debug_image_only_while_subscribed_and_exactly_what_it_shows(raw_node, raw_stream, listener, offline):

@@ -134,7 +134,7 @@ def cmd_evaluate(args):
     from .training.jobs import evaluate_job
 
     evaluate_job(args.manifest, args.data, args.out, split=args.split, num_clips=args.clips, cache_root=args.cache,
-                 runtime=_runtime(args), tokens=_tokens(args))
+                 runtime=_runtime(args), tokens=_tokens(args), sampling=args.sampling)
 
 
 def cmd_compare(args):
@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--split", default="test")
     p.add_argument("--clips", type=int, default=3, help="temporal views per video (16x3)")
+    p.add_argument("--sampling", choices=["auto", "time", "frames"], default="auto",
+                   help="clips by time (every sample_period_s of the manifest, each video at its own rate) or "
+                        "every frame_interval-th frame")
 
     p = add("compare", cmd_compare, "train + evaluate each head kind on the same data (the papers' table)")
     common(p, load=True)

@@ -122,3 +122,45 @@ def test_old_manifest_loads_with_a_warning_and_counts_frames(log_records):
     assert sampling_period(_model(0.1).manifest, "frames") is None
     with pytest.raises(ValueError, match="auto, time or frames"):
         sampling_period(model.manifest, "seconds")
+
+
+# --------------------------------------------------------------------------- training and evaluation
+
+
+def test_fractional_intervals_take_the_nearest_frame():
+    from step_ros.data.clips import clip_indices, clip_span, clip_starts
+
+    assert clip_indices(100, 4, 2.5, 0).tolist() == [0, 3, 5, 8]  # sample times 0, 2.5, 5, 7.5 frames
+    assert clip_indices(100, 4, 2.0, 3).tolist() == [3, 5, 7, 9]  # whole intervals: unchanged
+    assert clip_indices(100, 16, 2 * (1 - 1e-9), 0).tolist() == list(range(0, 32, 2))  # P * fps in floats
+    assert clip_span(16, 2.5) == 39 and clip_starts(39, 16, 2.5, 3).tolist() == [0, 0, 0]
+
+
+def test_row_steps_follow_each_videos_rate():
+    """One model period, videos at 15, 30 and 60 fps (and one whose rate is unknown): each steps
+    the rows that keep the same time between two samples."""
+    from step_ros.training.loader import TokensInRam, ViewDataset, row_steps
+
+    tokens = [torch.zeros(n, 2, 3) for n in (40, 80, 160, 40)]
+    source = TokensInRam(tokens, rates=[15.0, 30.0, 60.0, None])
+    assert row_steps(source, 2, 2 / 15) == pytest.approx([2.0, 4.0, 8.0, 2.0])  # unknown rate: frame count
+    assert row_steps(source, 2, None) == [2.0] * 4  # an old manifest: every 2nd frame, whatever the rate
+    strided = TokensInRam(tokens, rates=[15.0, 30.0, 60.0, None], frame_stride=2)
+    assert row_steps(strided, 2, 2 / 15) == pytest.approx([1.0, 2.0, 4.0, 1.0])
+    views = ViewDataset(source, 4, 2, num_clips=1, sample_period_s=2 / 15)
+    spans = []
+    for i, fps in enumerate((15.0, 30.0, 60.0)):
+        rows = views._rows(len(tokens[i]), views.steps[i])
+        spans.append((rows[-1] - rows[0]) / fps)
+    assert spans == pytest.approx([0.4, 0.4, 0.4])  # 3 sample periods of 0.133 s at every rate
+
+
+def test_cache_knows_each_videos_rate(tmp_path):
+    from step_ros.data.annotations import Sample
+    from step_ros.data.video import write_video
+    from step_ros.training.cache import TokenCache
+
+    video = write_video(tmp_path / "v.mp4", np.zeros((6, 16, 16, 3), np.uint8), fps=24)
+    cache = TokenCache(tmp_path / "cache", "x")
+    # not extracted yet (or extracted before the rate was recorded): the video's header says
+    assert cache.fps(Sample(video=video, labels={"t": "a"})) == pytest.approx(24.0)

@@ -77,7 +77,7 @@ def test_cache_stores_float16_half_the_bytes_of_float32(data, tmp_path):
     assert a.dtype == torch.float16 and b.dtype == torch.float32
     torch.testing.assert_close(a.float(), b, rtol=1e-3, atol=1e-3)
     size = lambda c: sum(p.stat().st_size for p in c.root.glob("*.safetensors"))  # noqa: E731
-    assert size(half) / size(full) < 0.505  # the headers are the rest
+    assert size(half) / size(full) < 0.51  # the headers (metadata: segment, fps, ...) are the rest
     info = json.loads((half.root / "cache.json").read_text())
     assert info == {"format": 2, "dtype": "float16", "frame_stride": 1, "backbone": half.backbone_id}
     with safe_open(str(half.path(sample)), "pt") as f:

@@ -2,6 +2,8 @@
 
 A clip is ``frames`` indices ``start, start + interval, ...`` (the papers: 16 frames at
 interval 2). Indices are relative to the segment; add ``Sample.start_frame`` for the file.
+``interval`` may be fractional: sampling by time, a video at another rate than the model's
+steps ``sample_period_s * fps`` frames, and each sample takes the nearest frame (rounded).
 Videos shorter than the clip span repeat their last frame, so every clip has exactly
 ``frames`` entries and the temporal order is never altered.
 """
@@ -19,21 +21,21 @@ __all__ = [
 ]
 
 
-def _check(num_frames: int, frames: int, interval: int) -> None:
+def _check(num_frames: int, frames: int, interval: float) -> None:
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
-    if interval < 1:
-        raise ValueError(f"interval must be >= 1, got {interval}")
+    if not interval > 0:
+        raise ValueError(f"interval must be positive, got {interval}")
 
 
-def clip_span(frames: int, interval: int) -> int:
-    """Number of video frames one clip covers: ``(frames - 1) * interval + 1``."""
-    return (frames - 1) * interval + 1
+def clip_span(frames: int, interval: float) -> int:
+    """Number of video frames one clip covers: ``(frames - 1) * interval + 1`` (rounded)."""
+    return int(round((frames - 1) * interval)) + 1
 
 
-def clip_starts(num_frames: int, frames: int, interval: int, num_clips: int) -> np.ndarray:
+def clip_starts(num_frames: int, frames: int, interval: float, num_clips: int) -> np.ndarray:
     """Evenly spaced clip starts for test-time multi-view ("16 x 3" views).
 
     ``num_clips = 3`` gives the first, the middle and the last possible start;
@@ -49,17 +51,21 @@ def clip_starts(num_frames: int, frames: int, interval: int, num_clips: int) -> 
     return np.round(np.linspace(0, max_start, num_clips)).astype(np.int64)
 
 
-def clip_indices(num_frames: int, frames: int, interval: int, start: int = 0) -> np.ndarray:
-    """The ``frames`` indices of the clip starting at ``start``, clamped to the last frame."""
+def clip_indices(num_frames: int, frames: int, interval: float, start: int = 0) -> np.ndarray:
+    """The ``frames`` indices of the clip starting at ``start`` (each the frame nearest its sample
+    time when ``interval`` is fractional), clamped to the last frame."""
     _check(num_frames, frames, interval)
     if not 0 <= start < num_frames:
         raise ValueError(f"start {start} outside [0, {num_frames})")
-    idx = start + np.arange(frames, dtype=np.int64) * interval
+    if float(interval).is_integer():
+        idx = start + np.arange(frames, dtype=np.int64) * int(interval)
+    else:
+        idx = start + np.floor(np.arange(frames) * interval + 0.5).astype(np.int64)
     return np.minimum(idx, num_frames - 1)
 
 
 def random_clip_indices(
-    num_frames: int, frames: int, interval: int, rng: np.random.Generator
+    num_frames: int, frames: int, interval: float, rng: np.random.Generator
 ) -> np.ndarray:
     """A training clip at a uniformly random start (temporal jitter, order preserved)."""
     _check(num_frames, frames, interval)

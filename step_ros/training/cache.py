@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from ..data.annotations import Dataset, Sample
-from ..data.video import VideoError, iter_frames
+from ..data.video import VideoError, iter_frames, video_info
 from ..model.backbone import Backbone, preprocess_frames
 from .runtime import Runtime
 
@@ -149,6 +149,22 @@ class TokenCache:
         except (SafetensorError, OSError, KeyError) as exc:
             raise CacheError(f"corrupt token file {path} ({exc}); delete it and run `step-ros extract` again") from exc
 
+    def fps(self, sample: Sample) -> float | None:
+        """The frame rate of a segment's video: recorded in its token file at extraction; from the
+        video's header (PyAV) for files cached before that; None when neither says."""
+        path = self.path(sample)
+        try:
+            with safe_open(str(path), "pt") as f:
+                value = (f.metadata() or {}).get("fps")
+            if value:
+                return float(value)
+        except (SafetensorError, OSError, ValueError):
+            pass
+        try:
+            return float(video_info(sample.video).fps) or None
+        except (VideoError, OSError, ValueError):
+            return None
+
     def load(self, sample: Sample, hflip: bool = False) -> torch.Tensor:
         """Every cached row of a segment, in the stored dtype (the in-RAM path and tests)."""
         path = self.require(sample, hflip)
@@ -182,10 +198,14 @@ def _save_tokens(path: Path, stored: torch.Tensor, cache: TokenCache, sample: Sa
     """Write atomically: a file is whole or absent, whoever reads the folder meanwhile."""
     # Unique temporary name: ranks and machines may share the folder (multi-node extraction).
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    try:  # the frame rate: what sampling by time needs (row r is frame r * stride, at r * stride / fps s)
+        fps = str(float(video_info(sample.video).fps))
+    except (VideoError, OSError, ValueError):
+        fps = ""
     save_file({"tokens": stored}, str(tmp), metadata={
         "format": str(CACHE_FORMAT), "video": str(sample.video), "segment": f"{sample.start_frame}:{sample.end_frame}",
         "backbone": cache.backbone_id, "hflip": str(hflip).lower(), "frame_stride": str(cache.frame_stride),
-        "num_frames": str(num_frames), "dtype": cache.dtype})
+        "num_frames": str(num_frames), "dtype": cache.dtype, "fps": fps})
     os.replace(tmp, path)
 
 

@@ -131,12 +131,12 @@ def _train(
         how = "streamed from" if tokens.load == "stream" else "loaded into RAM from"
         console.print(f"training {len(manifest.heads)} head(s) on {len(train_ds)} samples, {where} "
                       f"({runtime.describe()}; tokens {how} {cache.root})")
+    manifest = copy.deepcopy(manifest)
+    if manifest.sample_period_s is None:  # clips by time, and what the node needs to sample any camera
+        manifest.sample_period_s = training_sample_period(train_ds, manifest.frame_interval)
     result = train_heads(manifest, backbone.dim, backbone.num_patches, train, config, runtime=runtime, val=val,
                          state_path=state_path, resume=resume, progress=runtime.is_main)
-    manifest = copy.deepcopy(manifest)
     manifest.backbone.fingerprint = backbone.fingerprint  # heads only fit these exact weights
-    if manifest.sample_period_s is None:  # what the node needs to sample any camera by time
-        manifest.sample_period_s = training_sample_period(train_ds, manifest.frame_interval)
     extra = {"runtime": {"device": str(runtime.device), "precision": runtime.precision,
                          "world_size": runtime.world_size, "workers": runtime.workers},
              "tokens": asdict(tokens), "num_train": len(train_ds), "num_val": len(val_ds) if val_ds else 0}
@@ -230,14 +230,23 @@ def evaluate_job(
     quiet: bool = False,
     runtime: Runtime | None = None,
     tokens: TokenOptions = TokenOptions(),
+    sampling: str = "auto",
 ) -> dict | None:
     """Evaluate a trained manifest; writes report.json, predictions.json and PNG figures.
+
+    ``sampling``: clips by time (``auto`` / ``time``: every ``sample_period_s``, each video at
+    its own rate) or ``frames`` (every ``frame_interval``-th frame, whatever the rate).
 
     Returns the report on rank 0 (``None`` on the other ranks of a torchrun job).
     """
     runtime = runtime or _cpu()
     model = model or MultiTaskModel.from_manifest(load_manifest(manifest_path))
     manifest = model.manifest
+    if sampling not in ("auto", "time", "frames"):
+        raise ValueError(f"sampling must be auto, time or frames, got {sampling!r}")
+    if sampling == "frames" and manifest.sample_period_s is not None:
+        manifest = copy.deepcopy(manifest)
+        manifest.sample_period_s = None
     row_step(manifest.frame_interval, tokens.frame_stride)
     dataset = select(load_annotations(data), split)
     label_indices(dataset, manifest)  # unknown labels -> clear error before any work
@@ -250,7 +259,8 @@ def evaluate_job(
         return None
     report = evaluate_predictions(manifest, dataset, probs)
     report.update(model=manifest.name, manifest=str(manifest_path), data=str(data), split=split,
-                  num_clips=num_clips, backbone=model.backbone.source,
+                  num_clips=num_clips, sampling="frames" if manifest.sample_period_s is None else "time",
+                  sample_period_s=manifest.sample_period_s, backbone=model.backbone.source,
                   head_kinds={s.task: s.kind for s in manifest.heads}, tokens=asdict(tokens))
     if out is not None:
         out = Path(out)

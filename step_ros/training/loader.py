@@ -40,6 +40,10 @@ class TokenSource:
     def __len__(self) -> int:
         raise NotImplementedError
 
+    def fps(self, index: int) -> float | None:
+        """The frame rate of sample ``index``'s video (None: unknown), for sampling by time."""
+        return None
+
     def clip(self, index: int, pick: RowPicker, hflip: bool = False) -> torch.Tensor:
         """Rows ``pick(rows)`` of sample ``index`` -> (len, 1 + n, D) in the stored dtype."""
         raise NotImplementedError
@@ -62,6 +66,9 @@ class StreamedTokens(TokenSource):
     def clip(self, index: int, pick: RowPicker, hflip: bool = False) -> torch.Tensor:
         return self.cache.clip(self.samples[index], pick, hflip)
 
+    def fps(self, index: int) -> float | None:
+        return self.cache.fps(self.samples[index])
+
     def require_mirrored(self) -> None:
         for sample in self.samples:
             self.cache.require(sample, hflip=True)  # names the first missing file and the command to run
@@ -71,16 +78,20 @@ class TokensInRam(TokenSource):
     """Every sample's tokens loaded once (the pre-streaming path): memory grows with the dataset."""
 
     def __init__(self, plain: list[torch.Tensor], mirrored: list[torch.Tensor] | None = None,
-                 frame_stride: int = 1) -> None:
+                 frame_stride: int = 1, rates: list[float | None] | None = None) -> None:
         if mirrored is not None and len(mirrored) != len(plain):
             raise ValueError(f"{len(mirrored)} mirrored token tensors for {len(plain)} samples")
         self.plain, self.mirrored, self.frame_stride = plain, mirrored, frame_stride
+        self.rates = rates
 
     @classmethod
     def load(cls, cache: TokenCache, dataset: Dataset, hflip: bool = False, progress: bool = False) -> "TokensInRam":
         plain = [cache.load(s) for s in tqdm(dataset, desc="load tokens", unit="video", disable=not progress)]
         mirrored = [cache.load(s, True) for s in dataset] if hflip else None
-        return cls(plain, mirrored, cache.frame_stride)
+        return cls(plain, mirrored, cache.frame_stride, [cache.fps(s) for s in dataset])
+
+    def fps(self, index: int) -> float | None:
+        return None if self.rates is None else self.rates[index]
 
     def __len__(self) -> int:
         return len(self.plain)
@@ -104,6 +115,26 @@ def row_step(frame_interval: int, frame_stride: int) -> int:
     return frame_interval // frame_stride
 
 
+def row_steps(source: TokenSource, frame_interval: int, sample_period_s: float | None) -> list[float]:
+    """Per sample, the cached rows between two samples of a clip.
+
+    By time (``sample_period_s``): ``period * fps / frame_stride``, from each video's own rate, so
+    videos of any rate show the heads the motion of the same time span (each sample the nearest
+    cached frame).  By frame count (an old manifest, or a video whose rate is unknown):
+    ``frame_interval / frame_stride`` (:func:`row_step`).
+    """
+    if sample_period_s is None:
+        return [float(row_step(frame_interval, source.frame_stride))] * len(source)
+    steps = []
+    for i in range(len(source)):
+        fps = source.fps(i)
+        if fps is None or not fps > 0:
+            steps.append(float(row_step(frame_interval, source.frame_stride)))
+        else:
+            steps.append(sample_period_s * fps / source.frame_stride)
+    return steps
+
+
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The random stream of one training window: independent of workers, ranks and resumption."""
     return np.random.default_rng([seed, epoch, index])
@@ -115,9 +146,10 @@ class WindowDataset(torch.utils.data.Dataset):
     ``weight`` 0 marks a padding item that keeps every torchrun rank's batch non-empty.
     """
 
-    def __init__(self, source: TokenSource, frames: int, frame_interval: int, seed: int, hflip: bool = False) -> None:
+    def __init__(self, source: TokenSource, frames: int, frame_interval: int, seed: int, hflip: bool = False,
+                 sample_period_s: float | None = None) -> None:
         self.source, self.frames, self.seed, self.hflip = source, frames, seed, hflip
-        self.step = row_step(frame_interval, source.frame_stride)
+        self.steps = row_steps(source, frame_interval, sample_period_s)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -126,26 +158,29 @@ class WindowDataset(torch.utils.data.Dataset):
         epoch, index, weight = key
         rng = sample_rng(self.seed, epoch, index)
         flip = self.hflip and bool(rng.random() < 0.5)
-        window = self.source.clip(index, lambda rows: random_clip_indices(rows, self.frames, self.step, rng), flip)
+        step = self.steps[index]
+        window = self.source.clip(index, lambda rows: random_clip_indices(rows, self.frames, step, rng), flip)
         return index, weight, window
 
 
 class ViewDataset(torch.utils.data.Dataset):
     """Evaluation: item ``i`` -> (i, views (num_clips, T, 1 + n, D)), evenly spaced clip starts."""
 
-    def __init__(self, source: TokenSource, frames: int, frame_interval: int, num_clips: int) -> None:
+    def __init__(self, source: TokenSource, frames: int, frame_interval: int, num_clips: int,
+                 sample_period_s: float | None = None) -> None:
         self.source, self.frames, self.num_clips = source, frames, num_clips
-        self.step = row_step(frame_interval, source.frame_stride)
+        self.steps = row_steps(source, frame_interval, sample_period_s)
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def _rows(self, rows: int) -> np.ndarray:
-        starts = clip_starts(rows, self.frames, self.step, self.num_clips)
-        return np.concatenate([clip_indices(rows, self.frames, self.step, int(s)) for s in starts])
+    def _rows(self, rows: int, step: float) -> np.ndarray:
+        starts = clip_starts(rows, self.frames, step, self.num_clips)
+        return np.concatenate([clip_indices(rows, self.frames, step, int(s)) for s in starts])
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        views = self.source.clip(index, self._rows)
+        step = self.steps[index]
+        views = self.source.clip(index, lambda rows: self._rows(rows, step))
         return index, views.reshape(self.num_clips, self.frames, *views.shape[1:])
 
 

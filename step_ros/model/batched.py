@@ -62,8 +62,8 @@ class _Due:
 class BatchedEngine:
     """Sampled frames in, :class:`Prediction` out, in the live engine's order, computed in batches.
 
-    Use: ``offer()`` for every valid camera frame (True: sampled), ``add(frame, stamp)`` for the
-    sampled ones, ``flush()`` at the end.  ``add`` / ``flush`` return ``(resets, prediction)``
+    Use: ``offer(stamp)`` for every valid camera frame (the window slots it fills; 0: not
+    sampled), ``add(frame, stamp, slots)`` for the sampled ones, ``flush()`` at the end.  ``add`` / ``flush`` return ``(resets, prediction)``
     pairs, ``resets`` being the number of window resets before the prediction (a caller resets
     its smoother when it changes, as the node does).
     """

@@ -183,10 +183,10 @@ class WindowSchedule:
       not, that is the frame nearest the sample time; after a dropped frame it may be one frame
       further, and after a run of them the first frame after the hole, because the decision is
       made when a frame arrives, without waiting for the next one (no added latency).  The grid
-      does not drift.  A camera slower than the model needs
-      leaves sample times without a frame of their own; the nearest frame then fills them too
-      (``offer`` returns 2 or more slots, counted in ``stats.repeated``), so a window still spans
-      the time the model was trained on.  A jump of more than ``max_gap_s`` restarts the grid.
+      does not drift.  A camera slower than the model needs leaves sample times without a frame
+      of their own; the nearest frame then fills them too (``offer`` returns 2 or more slots,
+      counted in ``stats.repeated``), so a window still spans the time the model was trained on.
+      A jump of more than ``max_gap_s`` restarts the grid.
     - otherwise every ``frame_interval``-th frame, whatever its stamp (old manifests, or
       ``sampling: frames`` on purpose).
     """

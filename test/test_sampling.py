@@ -164,3 +164,15 @@ def test_cache_knows_each_videos_rate(tmp_path):
     cache = TokenCache(tmp_path / "cache", "x")
     # not extracted yet (or extracted before the rate was recorded): the video's header says
     assert cache.fps(Sample(video=video, labels={"t": "a"})) == pytest.approx(24.0)
+
+
+def test_the_tools_expect_the_rate_the_node_samples_at():
+    """``soak`` and the live demo compute what the node should do from how it will sample."""
+    from step_ros.resources import demo_manifest
+    from step_ros.ros.soak import sampled_period_s
+
+    demo = demo_manifest()  # sample_period_s 2/15 s
+    assert sampled_period_s(demo, [], 10.0) == pytest.approx(2 / 15)
+    assert sampled_period_s(demo, [], 5.0) == pytest.approx(0.2)  # a slower camera: every frame
+    assert sampled_period_s(demo, ["frame_interval:=3"], 10.0) == pytest.approx(0.3)
+    assert sampled_period_s(demo, ["sampling:=frames"], 10.0) == pytest.approx(0.2)  # every 2nd frame

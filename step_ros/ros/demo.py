@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .soak import latency_stats, node_command, stop_process
+from .soak import latency_stats, node_command, sampled_period_s, stop_process
 
 IMAGE_TOPIC = "/camera/image_raw"
 ACTION_TOPIC = "/human_action"
@@ -239,17 +239,6 @@ def manifest_frames(manifest: Path) -> int:
     return load_manifest(manifest).frames
 
 
-def _frame_interval(manifest: Path, params: list[str]) -> int:
-    """The node's frame interval: a ``frame_interval:=k`` node parameter, else the manifest's."""
-    from step_ros.model.manifest import load_manifest
-
-    for param in params:
-        name, _, value = param.partition(":=")
-        if name.strip() == "frame_interval" and int(value) > 0:
-            return int(value)
-    return load_manifest(manifest).frame_interval
-
-
 #: The node may use at most this share of the time between two sampled frames (the rest is the
 #: machine's other work, and jitter).
 CALIBRATION_HEADROOM = 0.5
@@ -265,7 +254,7 @@ CALIBRATION_MARGIN = 0.75
 MIN_RATE = 0.25
 
 
-def calibrate(latencies_ms: list[float], fps: float, interval: int, rate: float, dropped: int = 0,
+def calibrate(latencies_ms: list[float], fps: float, interval: float, rate: float, dropped: int = 0,
               sampled: int = 0) -> dict[str, Any]:
     """One calibration step: does the node keep up with the bag played at ``rate``, on this
     machine now?  If not, the rate to try next.
@@ -356,7 +345,7 @@ def run_live_demo(args: argparse.Namespace) -> int:
 
     step("3/5", f"starting the node on {manifest}")
     params = list(getattr(args, "node_param", None) or [])
-    interval = _frame_interval(manifest, params)
+    interval = sampled_period_s(manifest, params, fps) * fps  # camera frames per sampled frame
     cmd = node_command(manifest, params, [f"image:={IMAGE_TOPIC}", f"human_action:={ACTION_TOPIC}"])
     log_path = out / "node.log"
     log = open(log_path, "wb")
@@ -381,7 +370,7 @@ def run_live_demo(args: argparse.Namespace) -> int:
                 return 1
             time.sleep(0.1)
         if getattr(args, "calibrate", True):
-            warm = min(frames_in_bag, 3 * manifest_frames(manifest) * interval)
+            warm = min(frames_in_bag, int(round(3 * manifest_frames(manifest) * interval)))
             step("4/5", f"calibrating: the bag's first {warm} frames, at {rate:g}x and slower until the node keeps up "
                         "on this machine, now")
             steps = []

@@ -11,7 +11,7 @@ listens to ``/human_action`` and ``/diagnostics``. Reports, as a table, JSON and
 * frames lost: published by us but not received by the node, ``dropped_busy`` (sampled while
   the inference thread was busy) and gaps in ``sequence``;
 * the node's inference and published rates (from its diagnostics) against the expected
-  ``fps / frame_interval``;
+  the rate the node samples at (``1 / sample_period_s``, or ``fps / frame_interval``);
 * with ``--debug-image``: ``~/debug_image`` is subscribed for the second half of the run, its
   newest picture saved as ``debug_image.png``, and the node's compute per sampled frame compared
   without and with a subscriber (the debug image is built only while someone watches).
@@ -146,6 +146,20 @@ class _Listener:
                     self.diags.append((time.monotonic(), values, level, status.message))
 
 
+def sampled_period_s(manifest: Path, params: list[str], fps: float) -> float:
+    """Seconds of camera time between two frames the node will sample: by time (the manifest's
+    ``sample_period_s``, never faster than the camera) unless a ``frame_interval:=k`` or
+    ``sampling:=frames`` node parameter asks for frame-count sampling (``k / fps``)."""
+    from step_ros.model.manifest import load_manifest
+
+    man = load_manifest(manifest)
+    values = {name.strip(): value.strip() for name, _, value in (p.partition(":=") for p in params)}
+    interval = int(values.get("frame_interval") or 0)
+    if values.get("sampling", "auto") != "frames" and not interval and man.sample_period_s:
+        return max(float(man.sample_period_s), 1.0 / fps)
+    return (interval or man.frame_interval) / fps
+
+
 def run_soak(manifest: Path | None, frames: int, fps: float, out: Path, size: int = 128,
              node_params: list[str] | None = None, startup_timeout_s: float = 180.0,
              rss_period_s: float = 1.0, debug_image: bool = False) -> dict:
@@ -157,7 +171,6 @@ def run_soak(manifest: Path | None, frames: int, fps: float, out: Path, size: in
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
-    from step_ros.model.manifest import load_manifest
     from step_ros.console import console, print_table, step, write_json
 
     out.mkdir(parents=True, exist_ok=True)
@@ -165,16 +178,13 @@ def run_soak(manifest: Path | None, frames: int, fps: float, out: Path, size: in
         from step_ros.ros.node import default_manifest
 
         manifest = Path(default_manifest())
-    man = load_manifest(manifest)
-    interval = man.frame_interval
-    for p in node_params or []:
-        if p.startswith("frame_interval:=") and int(p.split(":=")[1]) > 0:
-            interval = int(p.split(":=")[1])
+    sample_s = sampled_period_s(manifest, list(node_params or []), fps)
+    interval = sample_s * fps  # camera frames per sampled frame (fractional when sampling by time)
     image_topic, out_topic = "/soak/image", "/soak/human_action"
     cmd = node_command(manifest, list(node_params or []), [f"image:={image_topic}", f"human_action:={out_topic}"])
     log_path = out / "node.log"
     step("soak:", f"{frames} frames at {fps:g} fps ({size}x{size} rgb8), model {manifest} "
-                  f"(frame interval {interval}: {fps / interval:.2f} inferences/s expected); node log {log_path}")
+                  f"(a sampled frame every {sample_s:.3f} s: {1.0 / sample_s:.2f} inferences/s expected); node log {log_path}")
 
     source = synthetic_frames(n_clips=8, size=size)
     context = Context()
@@ -344,7 +354,7 @@ def _report(actions, diags, rss, sent_stamps, frames, fps, interval, duration, m
         "frames_sent": frames,
         "fps": fps,
         "duration_s": duration,
-        "frame_interval": interval,
+        "frames_per_sample": round(interval, 4),
         "expected_inference_hz": fps / interval,
         "predictions_received": len(actions),
         "latency_first_10pct": latency_stats(first),

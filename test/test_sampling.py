@@ -176,3 +176,18 @@ def test_the_tools_expect_the_rate_the_node_samples_at():
     assert sampled_period_s(demo, [], 5.0) == pytest.approx(0.2)  # a slower camera: every frame
     assert sampled_period_s(demo, ["frame_interval:=3"], 10.0) == pytest.approx(0.3)
     assert sampled_period_s(demo, ["sampling:=frames"], 10.0) == pytest.approx(0.2)  # every 2nd frame
+
+
+def test_the_annotation_csv_may_give_a_videos_rate(tmp_path):
+    from step_ros.data.annotations import AnnotationError, load_annotations
+    from step_ros.data.video import write_video
+    from step_ros.training.cache import TokenCache
+
+    write_video(tmp_path / "v.mp4", np.zeros((6, 16, 16, 3), np.uint8), fps=24)
+    (tmp_path / "a.csv").write_text("video,fps,action\nv.mp4,29.97,wave\nv.mp4,,wave\n")
+    data = load_annotations(tmp_path / "a.csv")
+    cache = TokenCache(tmp_path / "cache", "x")
+    assert [cache.fps(s) for s in data] == pytest.approx([29.97, 24.0])  # the CSV wins, else the header
+    (tmp_path / "b.csv").write_text("video,fps,action\nv.mp4,fast,wave\n")
+    with pytest.raises(AnnotationError, match=r"b.csv: row 1.*column 'fps'.*frame rate.*'fast'"):
+        load_annotations(tmp_path / "b.csv")

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 #: Columns with a fixed meaning; every other column (not starting with "_") is a task.
-RESERVED_COLUMNS: tuple[str, ...] = ("video", "start_frame", "end_frame", "split", "context")
+RESERVED_COLUMNS: tuple[str, ...] = ("video", "start_frame", "end_frame", "split", "context", "fps")
 #: First-level folder names that make a folder layout ``root/<split>/<label>/...``.
 SPLIT_NAMES: frozenset[str] = frozenset({"train", "val", "valid", "validation", "test"})
 
@@ -54,6 +54,7 @@ class Sample:
     end_frame: int | None = None
     split: str | None = None
     context: str | None = None
+    fps: float | None = None  # the video's frame rate when the CSV says so (else PyAV's is used)
     origin: str = field(default="", compare=False)
 
 
@@ -204,6 +205,16 @@ def load_csv(path: str | os.PathLike[str], check_files: bool = True) -> Dataset:
             if rec[task] == "":
                 raise AnnotationError(f"{_where(path, row_no, line, task)}: empty label for task '{task}'")
             labels[task] = rec[task]
+        fps_text = rec.get("fps", "")
+        fps = None
+        if fps_text != "":
+            try:
+                fps = float(fps_text)
+            except ValueError:
+                fps = -1.0
+            if not (fps > 0 and fps < 1e4):
+                raise AnnotationError(f"{_where(path, row_no, line, 'fps')}: expected the video's frame rate in "
+                                      f"frames per second (a positive number), got {fps_text!r}")
         start = _parse_frame(rec.get("start_frame", ""), _where(path, row_no, line, "start_frame"))
         end = _parse_frame(rec.get("end_frame", ""), _where(path, row_no, line, "end_frame"))
         start = 0 if start is None else start
@@ -220,6 +231,7 @@ def load_csv(path: str | os.PathLike[str], check_files: bool = True) -> Dataset:
                 end_frame=end,
                 split=rec.get("split") or None,
                 context=rec.get("context") or None,
+                fps=fps,
                 origin=_where(path, row_no, line),
             )
         )

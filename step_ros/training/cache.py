@@ -150,8 +150,11 @@ class TokenCache:
             raise CacheError(f"corrupt token file {path} ({exc}); delete it and run `step-ros extract` again") from exc
 
     def fps(self, sample: Sample) -> float | None:
-        """The frame rate of a segment's video: recorded in its token file at extraction; from the
-        video's header (PyAV) for files cached before that; None when neither says."""
+        """The frame rate of a segment's video: the annotation CSV's ``fps`` when it gives one,
+        else recorded in its token file at extraction, else the video's header (PyAV); None when
+        nothing says."""
+        if sample.fps:
+            return float(sample.fps)
         path = self.path(sample)
         try:
             with safe_open(str(path), "pt") as f:
@@ -199,7 +202,7 @@ def _save_tokens(path: Path, stored: torch.Tensor, cache: TokenCache, sample: Sa
     # Unique temporary name: ranks and machines may share the folder (multi-node extraction).
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:  # the frame rate: what sampling by time needs (row r is frame r * stride, at r * stride / fps s)
-        fps = str(float(video_info(sample.video).fps))
+        fps = str(float(sample.fps or video_info(sample.video).fps))
     except (VideoError, OSError, ValueError):
         fps = ""
     save_file({"tokens": stored}, str(tmp), metadata={

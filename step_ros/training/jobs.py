@@ -162,13 +162,14 @@ def training_sample_period(dataset: Dataset, frame_interval: int, limit: int = 2
 
     from ..data.video import video_info
 
+    given = {str(s.video): s.fps for s in dataset if s.fps}  # the annotation CSV's fps column wins
     videos = sorted({str(s.video) for s in dataset})
     if len(videos) > limit:
         videos = [videos[i] for i in np.linspace(0, len(videos) - 1, limit).round().astype(int)]
     rates = []
     for v in videos:
         try:
-            fps = video_info(v).fps
+            fps = given.get(v) or video_info(v).fps
         except Exception:  # noqa: BLE001 - an unreadable header: training already decoded it or failed
             continue
         if fps and fps > 0:

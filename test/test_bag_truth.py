@@ -446,3 +446,18 @@ def test_truncated_and_ambiguous_bags(ref, tmp_path):
     report = replay_eval(two, ref["manifest"], None, model=ref["model"], quiet=True, progress=False,
                          image_topic="/right/image_raw", min_frames=1)
     assert report["image_topic"] == "/right/image_raw" and report["frames"]["valid"] == 20
+
+
+def test_bag_reader_answers_what_the_tools_ask(ref, tmp_path):
+    """Every tool reads bags through ``open_bag``: the properties they use exist for ROS 2 and
+    ROS 1 bags (the live demo asks the camera rate from ``duration``)."""
+    from step_ros.ros.demo import camera_rate
+
+    ros1 = write_ros1(ref, tmp_path / "robot.bag")
+    for bag in (ref["bag"], ros1):
+        with open_bag(bag) as reader:
+            assert reader.duration == reader.end_time - reader.start_time > 0
+            assert reader.message_count == sum(info.msgcount for info in reader.topics.values())
+    fps, count = camera_rate(ref["bag"])
+    span_s = (ref["frames"][-1][1] - ref["frames"][0][1]) / NS  # 6 clips at 15 fps, 1.5 s gaps between them
+    assert count == len(ref["frames"]) and fps == pytest.approx((count - 1) / span_s, rel=0.02)

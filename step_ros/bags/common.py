@@ -302,6 +302,15 @@ class BagReader:
     def end_time(self) -> int:
         return self.reader.end_time
 
+    @property
+    def duration(self) -> int:
+        """Nanoseconds from the first message to the last."""
+        return self.reader.duration
+
+    @property
+    def message_count(self) -> int:
+        return self.reader.message_count
+
     def messages(self, connections: Iterable[Any] | None = None) -> Iterator[tuple[Any, int, bytes]]:
         """Messages in time order: of every connection (``None``), or of those given (none: nothing)."""
         if connections is None:

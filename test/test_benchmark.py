@@ -28,7 +28,7 @@ def test_benchmark_runs_end_to_end_with_the_papers_columns(tmp_path):
     template = tmp_path / "tiny.yaml"
     template.write_text(yaml.safe_dump({
         "name": "tiny-ntu", "backbone": {"arch": "dinov2_vitt14", "image_size": 42, "overrides": TINY_OVERRIDES},
-        "frames": 4, "frame_interval": 2}))
+        "frames": 4, "frame_interval": 2, "clip_sampling": "uniform"}))  # the papers NTU protocol
     out = tmp_path / "bench"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     proc = subprocess.run(
@@ -48,6 +48,7 @@ def test_benchmark_runs_end_to_end_with_the_papers_columns(tmp_path):
     assert "nearly symmetric" in proc.stdout and "STEP, cross-setup" in proc.stdout
     assert "WARNING: RANDOM backbone weights" in proc.stdout
     assert (out / "data" / "annotations.csv").is_file() and (out / "compare" / "step" / "eval" / "report.json").is_file()
+    assert "clip_sampling: uniform" in (out / "template.yaml").read_text()  # trained and tested on uniform clips
 
 
 def test_shipped_templates_give_valid_manifests(tmp_path):

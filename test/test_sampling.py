@@ -191,3 +191,24 @@ def test_the_annotation_csv_may_give_a_videos_rate(tmp_path):
     (tmp_path / "b.csv").write_text("video,fps,action\nv.mp4,fast,wave\n")
     with pytest.raises(AnnotationError, match=r"b.csv: row 1.*column 'fps'.*frame rate.*'fast'"):
         load_annotations(tmp_path / "b.csv")
+
+
+def test_uniform_clips_cover_the_whole_video():
+    """The papers' NTU protocol (``clip_sampling: uniform``): one frame from each of T equal parts
+    of the video, random in training, evenly spaced test views; a bad value names the field."""
+    from step_ros.model.manifest import ManifestError
+    from step_ros.training.loader import TokensInRam, ViewDataset, WindowDataset
+
+    tokens = [torch.arange(40.0)[:, None, None].expand(40, 2, 3).clone(), torch.arange(64.0)[:, None, None].expand(64, 2, 3).clone()]
+    source = TokensInRam(tokens, rates=[30.0, 30.0])
+    train = WindowDataset(source, 4, 2, seed=0, clip_sampling="uniform")
+    for index, n in ((0, 40), (1, 64)):
+        rows = train[(0, index, 1.0)][2][:, 0, 0].long().tolist()
+        edges = np.linspace(0, n, 5)
+        assert all(lo <= r < hi for r, lo, hi in zip(rows, edges[:-1], edges[1:])), rows
+    views = ViewDataset(source, 4, 2, num_clips=1, clip_sampling="uniform")
+    assert views[0][1][0, :, 0, 0].long().tolist() == [5, 15, 25, 35]  # the centres of the 4 parts
+    data = tiny_manifest_dict()
+    data["clip_sampling"] = "segments"
+    with pytest.raises(ManifestError, match="clip_sampling: must be one of interval, uniform"):
+        parse_manifest(data, __import__("pathlib").Path("."))

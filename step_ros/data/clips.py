@@ -18,6 +18,7 @@ __all__ = [
     "clip_indices",
     "random_clip_indices",
     "uniform_indices",
+    "uniform_view_indices",
 ]
 
 
@@ -72,6 +73,18 @@ def random_clip_indices(
     max_start = max(0, num_frames - clip_span(frames, interval))
     start = int(rng.integers(0, max_start + 1))
     return clip_indices(num_frames, frames, interval, start)
+
+
+def uniform_view_indices(num_frames: int, frames: int, num_clips: int) -> np.ndarray:
+    """Test views of uniform sampling: view ``j`` takes, in each of the ``frames`` equal segments,
+    the frame at fraction ``(j + 0.5) / num_clips`` of it (one view: the segment centres)."""
+    _check(num_frames, frames, 1)
+    if num_clips < 1:
+        raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+    edges = np.linspace(0, num_frames, frames + 1)
+    lo, hi = edges[:-1], edges[1:]
+    views = [lo + (j + 0.5) / num_clips * (hi - lo) for j in range(num_clips)]
+    return np.clip(np.floor(np.concatenate(views)).astype(np.int64), 0, num_frames - 1)
 
 
 def uniform_indices(

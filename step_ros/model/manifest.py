@@ -34,6 +34,11 @@ import yaml
 from .heads import HEAD_KINDS
 
 
+#: ``interval``: T frames one sample period apart (a camera stream); ``uniform``: one frame from
+#: each of T equal segments of the whole video (the papers' NTU protocol, offline only).
+CLIP_SAMPLINGS = ("interval", "uniform")
+
+
 class ManifestError(ValueError):
     """A manifest is missing a field or has a bad value; the message names the field."""
 
@@ -109,6 +114,10 @@ class Manifest:
     #: Seconds between two samples of a window, as trained (frame_interval / the training videos'
     #: frame rate).  None: an old manifest; cameras are then sampled every frame_interval-th frame.
     sample_period_s: float | None = None
+    #: How training and evaluation draw a clip from a video: ``interval`` (T frames, one every
+    #: sample period: what a camera stream gives, the default) or ``uniform`` (T equal segments
+    #: of the whole video, one frame each: the papers' NTU protocol; offline only).
+    clip_sampling: str = "interval"
     name: str = "model"
     description: str = ""
     path: Path | None = None
@@ -134,6 +143,8 @@ class Manifest:
         )
         if self.sample_period_s is not None:
             out["sample_period_s"] = round(float(self.sample_period_s), 9)
+        if self.clip_sampling != "interval":
+            out["clip_sampling"] = self.clip_sampling
         out["heads"] = [h.to_dict(base) for h in self.heads]
         return out
 
@@ -198,7 +209,8 @@ def _path(value: str | None, base: Path) -> Path | None:
 def parse_manifest(data: Any, base: Path, source: str = "manifest") -> Manifest:
     """Validate a manifest mapping; relative paths resolve against ``base``."""
     top = _Fields(data, "", source)
-    top.unknown({"name", "description", "backbone", "frames", "frame_interval", "sample_period_s", "heads"})
+    top.unknown({"name", "description", "backbone", "frames", "frame_interval", "sample_period_s", "clip_sampling",
+                 "heads"})
     bb = _Fields(top.get("backbone", dict), "backbone", source)
     bb.unknown({"arch", "weights", "random_seed", "image_size", "overrides", "fingerprint"})
     from .backbone import ARCHS
@@ -223,6 +235,9 @@ def parse_manifest(data: Any, base: Path, source: str = "manifest") -> Manifest:
     frames = top.get("frames", int, 16, positive=True)
     interval = top.get("frame_interval", int, 1, positive=True)
     period = top.get("sample_period_s", (int, float), None, positive=True)
+    clip_sampling = top.get("clip_sampling", str, "interval")
+    if clip_sampling not in CLIP_SAMPLINGS:
+        raise top.fail("clip_sampling", f"must be one of {', '.join(CLIP_SAMPLINGS)}, got {clip_sampling!r}")
     raw_heads = top.get("heads", list)
     if not raw_heads:
         raise top.fail("heads", "needs at least one head")
@@ -269,6 +284,7 @@ def parse_manifest(data: Any, base: Path, source: str = "manifest") -> Manifest:
         frames=frames,
         frame_interval=interval,
         sample_period_s=None if period is None else float(period),
+        clip_sampling=clip_sampling,
         name=top.get("name", str, "model"),
         description=top.get("description", str, ""),
     )
@@ -288,4 +304,5 @@ def load_manifest(path: str | Path) -> Manifest:
     return manifest
 
 
-__all__ = ["BackboneSpec", "HeadSpec", "Manifest", "ManifestError", "load_manifest", "parse_manifest"]
+__all__ = ["BackboneSpec", "CLIP_SAMPLINGS", "HeadSpec", "Manifest", "ManifestError", "load_manifest",
+           "parse_manifest"]

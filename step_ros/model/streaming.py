@@ -303,6 +303,13 @@ def sampling_period(manifest: Manifest, mode: str = "auto") -> float | None:
     ``frames`` -> None (every ``frame_interval``-th frame, on purpose)."""
     if mode not in ("auto", *SAMPLING_MODES):
         raise ValueError(f"sampling must be auto, time or frames, got {mode!r}")
+    if manifest.clip_sampling == "uniform":
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "model %s was trained on uniform clips (one frame from each of %d equal parts of a whole video), "
+            "which a camera stream cannot give: it is sampled every sample period / frame interval instead",
+            manifest.name, manifest.frames)
     if mode == "frames":
         return None
     if manifest.sample_period_s is None:

@@ -62,7 +62,7 @@ def predict(
     for head in heads.values():
         head.to(runtime.device).eval()
     views = ViewDataset(source, manifest.frames, manifest.frame_interval, num_clips,
-                        sample_period_s=manifest.sample_period_s)
+                        sample_period_s=manifest.sample_period_s, clip_sampling=manifest.clip_sampling)
     mine = list(runtime.shard(len(source)))
     loader = make_loader(views, runtime, indices=mine, batch_size=batch_videos)
     out: dict[str, dict[str, list[np.ndarray]]] = {o: {t: [] for t in heads} for o in orders}

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from ..data.annotations import Dataset
-from ..data.clips import clip_indices, clip_starts, random_clip_indices
+from ..data.clips import clip_indices, clip_starts, random_clip_indices, uniform_indices, uniform_view_indices
 from .cache import TokenCache
 from .runtime import Runtime
 
@@ -147,9 +147,10 @@ class WindowDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, source: TokenSource, frames: int, frame_interval: int, seed: int, hflip: bool = False,
-                 sample_period_s: float | None = None) -> None:
+                 sample_period_s: float | None = None, clip_sampling: str = "interval") -> None:
         self.source, self.frames, self.seed, self.hflip = source, frames, seed, hflip
-        self.steps = row_steps(source, frame_interval, sample_period_s)
+        self.uniform = clip_sampling == "uniform"
+        self.steps = [] if self.uniform else row_steps(source, frame_interval, sample_period_s)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -158,8 +159,11 @@ class WindowDataset(torch.utils.data.Dataset):
         epoch, index, weight = key
         rng = sample_rng(self.seed, epoch, index)
         flip = self.hflip and bool(rng.random() < 0.5)
-        step = self.steps[index]
-        window = self.source.clip(index, lambda rows: random_clip_indices(rows, self.frames, step, rng), flip)
+        if self.uniform:  # one random frame from each of T equal segments of the video
+            window = self.source.clip(index, lambda rows: uniform_indices(rows, self.frames, rng), flip)
+        else:
+            step = self.steps[index]
+            window = self.source.clip(index, lambda rows: random_clip_indices(rows, self.frames, step, rng), flip)
         return index, weight, window
 
 
@@ -167,9 +171,10 @@ class ViewDataset(torch.utils.data.Dataset):
     """Evaluation: item ``i`` -> (i, views (num_clips, T, 1 + n, D)), evenly spaced clip starts."""
 
     def __init__(self, source: TokenSource, frames: int, frame_interval: int, num_clips: int,
-                 sample_period_s: float | None = None) -> None:
+                 sample_period_s: float | None = None, clip_sampling: str = "interval") -> None:
         self.source, self.frames, self.num_clips = source, frames, num_clips
-        self.steps = row_steps(source, frame_interval, sample_period_s)
+        self.uniform = clip_sampling == "uniform"
+        self.steps = [] if self.uniform else row_steps(source, frame_interval, sample_period_s)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -179,8 +184,11 @@ class ViewDataset(torch.utils.data.Dataset):
         return np.concatenate([clip_indices(rows, self.frames, step, int(s)) for s in starts])
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        step = self.steps[index]
-        views = self.source.clip(index, lambda rows: self._rows(rows, step))
+        if self.uniform:
+            views = self.source.clip(index, lambda rows: uniform_view_indices(rows, self.frames, self.num_clips))
+        else:
+            step = self.steps[index]
+            views = self.source.clip(index, lambda rows: self._rows(rows, step))
         return index, views.reshape(self.num_clips, self.frames, *views.shape[1:])
 
 

@@ -150,7 +150,7 @@ def _head_states(heads: HeadSet) -> dict[str, dict[str, torch.Tensor]]:
 def validation_loader(val: Split, manifest: Manifest, runtime: Runtime, batch_size: int):
     """The centred clip of every validation video, this rank's share of the videos."""
     views = ViewDataset(val.source, manifest.frames, manifest.frame_interval, num_clips=1,
-                        sample_period_s=manifest.sample_period_s)
+                        sample_period_s=manifest.sample_period_s, clip_sampling=manifest.clip_sampling)
     return make_loader(views, runtime, indices=list(runtime.shard(len(val))), batch_size=batch_size)
 
 
@@ -251,7 +251,8 @@ def train_heads(
     else:
         model = heads
     loader = make_loader(WindowDataset(train.source, manifest.frames, manifest.frame_interval, config.seed,
-                                       config.hflip, sample_period_s=manifest.sample_period_s),
+                                       config.hflip, sample_period_s=manifest.sample_period_s,
+                                       clip_sampling=manifest.clip_sampling),
                          runtime, batch_sampler=sampler)
     labels = {t: train.labels[t].to(runtime.device) for t in tasks}
     val_loader = validation_loader(val, manifest, runtime, config.batch_size) if val is not None else None

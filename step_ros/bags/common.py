@@ -324,6 +324,17 @@ class BagReader:
             return self.store.deserialize_ros1(rawdata, msgtype)
         return self.store.deserialize_cdr(rawdata, msgtype)
 
+    def decoded(self, connections: Iterable[Any]) -> Iterator[tuple[Any, int, Any]]:
+        """``(connection, log time ns, message)`` in time order; a message that cannot be decoded
+        is a :class:`BagError` naming the bag, the topic and the type (storage errors too)."""
+        for conn, log_ns, raw in iter_messages(self, self.path, connections):
+            try:
+                msg = self.deserialize(raw, conn.msgtype)
+            except Exception as exc:  # noqa: BLE001 - any decoding failure of any type
+                raise BagError(f"bag {self.path}, topic {conn.topic}: cannot decode a {conn.msgtype} message "
+                               f"({type(exc).__name__}: {exc})") from exc
+            yield conn, log_ns, msg
+
     def to_cdr(self, rawdata: bytes, msgtype: str) -> bytes:
         """The message as ROS 2 CDR bytes (what ``rclpy`` publishes), converting ROS 1 messages.
 

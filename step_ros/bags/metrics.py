@@ -88,16 +88,21 @@ def score_window_labels(spec: HeadSpec | None, pred: list[str], true: list[str],
     return out
 
 
-def _segments(task: str, scored: list[tuple[Record, Interval]]) -> dict:
+def _by_interval(scored: list[tuple[Record, Interval]]) -> list[tuple[Interval, list[Record]]]:
+    """The scored windows of each interval, oldest first."""
     by_iv: dict[int, tuple[Interval, list[Record]]] = {}
     for r, iv in scored:
         by_iv.setdefault(id(iv), (iv, []))[1].append(r)
+    return [(iv, sorted(rs, key=lambda r: r.stamp)) for iv, rs in by_iv.values()]
+
+
+def _segments(task: str, scored: list[tuple[Record, Interval]]) -> dict:
+    groups = _by_interval(scored)
     last = majority = 0
-    for iv, rs in by_iv.values():
-        rs = sorted(rs, key=lambda r: r.stamp)
+    for iv, rs in groups:
         last += rs[-1].labels[task] == iv.label
         majority += Counter(r.labels[task] for r in rs).most_common(1)[0][0] == iv.label
-    n = len(by_iv)
+    n = len(groups)
     return {"n": n, "last_window": _r(last / n) if n else None, "majority": _r(majority / n) if n else None}
 
 
@@ -140,13 +145,9 @@ def _false_switches(labels: list[str], truth: str) -> int:
 
 
 def _switches(task: str, scored: list[tuple[Record, Interval]]) -> dict:
-    by_iv: dict[int, tuple[Interval, list[Record]]] = {}
-    for r, iv in scored:
-        by_iv.setdefault(id(iv), (iv, []))[1].append(r)
     switches = stable_switches = 0
     observed = 0.0
-    for iv, rs in by_iv.values():
-        rs = sorted(rs, key=lambda r: r.stamp)
+    for iv, rs in _by_interval(scored):
         switches += _false_switches([r.labels[task] for r in rs], iv.label)
         held = [r.labels[task] for r in rs if r.confident.get(task) and r.stable.get(task)]
         stable_switches += _false_switches(held, iv.label)
@@ -169,10 +170,9 @@ def score(records: list[Record], manifest: Manifest, truth: Truth) -> dict:
         if spec is not None:
             ivs = [iv for iv in ivs if iv.label in spec.labels]
         known_ids = {id(iv) for iv in ivs}
-        scored = [(r, iv) for r in rows if (iv := truth.window(task, r.window_start, r.stamp)) is not None
-                  and id(iv) in known_ids]
-        unknown_windows = sum(1 for r in rows if (iv := truth.window(task, r.window_start, r.stamp)) is not None
-                              and id(iv) not in known_ids)
+        inside = [(r, iv) for r in rows if (iv := truth.window(task, r.window_start, r.stamp)) is not None]
+        scored = [(r, iv) for r, iv in inside if id(iv) in known_ids]
+        unknown_windows = len(inside) - len(scored)
         by_ctx = {}
         for ctx in ["all", *truth.contexts]:
             sel = scored if ctx == "all" else [(r, iv) for r, iv in scored if iv.context == ctx]

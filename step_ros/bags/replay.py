@@ -138,12 +138,7 @@ def _recorded_actions(reader: BagReader, exclude: set[str]) -> dict[str, list[Re
     """Every HumanAction topic that is not ground truth: a node's recorded output."""
     conns = [c for c in reader.connections if c.msgtype == HUMAN_ACTION_TYPE and c.topic not in exclude]
     out: dict[str, list[Record]] = {}
-    for conn, _, raw in iter_messages(reader, reader.path, conns):
-        try:
-            msg = reader.deserialize(raw, conn.msgtype)
-        except Exception as exc:  # noqa: BLE001
-            raise BagError(f"bag {reader.path}, topic {conn.topic}: cannot decode a {conn.msgtype} message "
-                           f"({type(exc).__name__}: {exc})") from exc
+    for conn, _, msg in reader.decoded(conns):
         out.setdefault(conn.topic, []).append(_action_record(msg))
     return out
 
@@ -484,9 +479,9 @@ def replay_eval(
         raise ValueError(f"pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
-    truth = truth or TruthSources()
+    sources = truth or TruthSources()
     if ground_truth_topic is not None:
-        truth = replace(truth, topics=[*truth.topics, ground_truth_topic])
+        sources = replace(sources, topics=[*sources.topics, ground_truth_topic])
 
     # -- what is in the bag, and the truth (fails early, before loading a model)
     with open_bag(bag_path) as reader:
@@ -496,7 +491,7 @@ def replay_eval(
         t0_truth = first if first is not None else ns_to_seconds(reader.start_time)
         if model is not None:
             manifest = getattr(model, "manifest", None) or manifest
-        sources, truth = truth, load_truth(reader, manifest, t0_truth, truth)
+        truth = load_truth(reader, manifest, t0_truth, sources)
         truth_topic_names = {str(t).partition("=")[0] for t in sources.topics}
         if not sources.topics and sources.annotations is None and GROUND_TRUTH_TOPIC in topics:
             truth_topic_names.add(GROUND_TRUTH_TOPIC)

@@ -41,7 +41,6 @@ from .common import (
     STRING_TYPE,
     BagError,
     BagReader,
-    iter_messages,
     ns_to_seconds,
     time_to_ns,
     time_to_seconds,
@@ -244,12 +243,7 @@ def from_project_topic(reader: BagReader, topic: str = GROUND_TRUTH_TOPIC,
     info: dict[int, dict] = {}
     conns = [c for c in reader.connections
              if c.topic == topic or (c.topic == segment_topic and c.msgtype == STRING_TYPE)]
-    for conn, _, raw in iter_messages(reader, reader.path, conns):
-        try:
-            msg = reader.deserialize(raw, conn.msgtype)
-        except Exception as exc:  # noqa: BLE001 - any decoding failure
-            raise BagError(f"bag {reader.path}, topic {conn.topic}: cannot decode a {conn.msgtype} message "
-                           f"({type(exc).__name__}: {exc})") from exc
+    for conn, _, msg in reader.decoded(conns):
         if conn.topic == segment_topic:
             try:
                 d = json.loads(msg.data)
@@ -278,12 +272,7 @@ def from_label_topic(reader: BagReader, topic: str, task: str, field_path: str =
         raise BagError(f"bag {reader.path} has no topic {topic!r}; its topics: {', '.join(sorted(reader.topics))}")
     markers = {m.strip() for m in end_markers}
     events: list[tuple[float, str]] = []
-    for conn, log_ns, raw in iter_messages(reader, reader.path, conns):
-        try:
-            msg = reader.deserialize(raw, conn.msgtype)
-        except Exception as exc:  # noqa: BLE001
-            raise BagError(f"bag {reader.path}, topic {topic}: cannot decode a {conn.msgtype} message "
-                           f"({type(exc).__name__}: {exc})") from exc
+    for conn, log_ns, msg in reader.decoded(conns):
         try:
             value = _field(msg, field_path)
         except AttributeError:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .multitask import MultiTaskModel
-from .streaming import HeadRunner, Prediction, WindowSchedule, model_device, task_result
+from .streaming import HeadRunner, Prediction, ScheduledEngine, WindowSchedule, model_device, task_result
 
 _RESET = object()
 
@@ -59,7 +59,7 @@ class _Due:
     resets_before: int
 
 
-class BatchedEngine:
+class BatchedEngine(ScheduledEngine):
     """Sampled frames in, :class:`Prediction` out, in the live engine's order, computed in batches.
 
     Use: ``offer(stamp)`` for every valid camera frame (the window slots it fills; 0: not
@@ -104,11 +104,6 @@ class BatchedEngine:
         self._alias: dict[int, int] = {}  # window slot id -> the id whose frame was encoded
         self._pending = 0  # due predictions not computed yet
 
-    frame_interval = property(lambda self: self.schedule.frame_interval)
-    sample_period_s = property(lambda self: self.schedule.sample_period_s)
-    max_gap_s = property(lambda self: self.schedule.max_gap_s)
-    min_frames = property(lambda self: self.schedule.min_frames)
-    stats = property(lambda self: self.schedule.stats)
 
     def offer(self, stamp: float | None = None) -> int:
         return self.schedule.offer(stamp)

@@ -324,7 +324,21 @@ def sampling_period(manifest: Manifest, mode: str = "auto") -> float | None:
     return manifest.sample_period_s
 
 
-class StreamingEngine:
+class ScheduledEngine:
+    """What an engine driven by a :class:`WindowSchedule` shows of it: its settings and counters,
+    under the names callers have always used (the live and the batched engine share them)."""
+
+    schedule: WindowSchedule
+
+    frame_interval = property(lambda self: self.schedule.frame_interval)
+    sample_period_s = property(lambda self: self.schedule.sample_period_s)
+    stride = property(lambda self: self.schedule.stride)
+    max_gap_s = property(lambda self: self.schedule.max_gap_s)
+    min_frames = property(lambda self: self.schedule.min_frames)
+    stats = property(lambda self: self.schedule.stats)
+
+
+class StreamingEngine(ScheduledEngine):
     """Frames (uint8 RGB) with stamps in, :class:`Prediction` out.
 
     ``stride``: predict every ``stride``-th sampled frame once the window holds ``min_frames``
@@ -359,13 +373,6 @@ class StreamingEngine:
         # The window lives with the heads: tokens cross to their device once, when pushed.
         self.window = StreamingWindow(manifest.frames, shape, device=model_device(model))
 
-    # The schedule's settings and counters, under the names callers have always used.
-    frame_interval = property(lambda self: self.schedule.frame_interval)
-    sample_period_s = property(lambda self: self.schedule.sample_period_s)
-    stride = property(lambda self: self.schedule.stride)
-    max_gap_s = property(lambda self: self.schedule.max_gap_s)
-    min_frames = property(lambda self: self.schedule.min_frames)
-    stats = property(lambda self: self.schedule.stats)
 
     def reset(self, reason: str | None = None) -> None:
         self.schedule.reset(reason)
@@ -484,6 +491,7 @@ __all__ = [
     "StreamingEngine",
     "StreamingWindow",
     "SAMPLING_MODES",
+    "ScheduledEngine",
     "TaskResult",
     "WindowSchedule",
     "sampling_period",

@@ -58,9 +58,7 @@ def ground_truth(bag: Path) -> list[Segment]:
     """The bag's ``/ground_truth`` HumanAction messages as segments (read with rosbags, no ROS)."""
     from step_ros.bags.common import (
         GROUND_TRUTH_TOPIC,
-        HUMAN_ACTION_TYPE,
         BagError,
-        iter_messages,
         open_bag,
         time_to_ns,
     )
@@ -70,8 +68,7 @@ def ground_truth(bag: Path) -> list[Segment]:
         conns = [c for c in reader.connections if c.topic == GROUND_TRUTH_TOPIC]
         if not conns:
             raise BagError(f"bag {bag} has no {GROUND_TRUTH_TOPIC} topic")
-        for _conn, _t, raw in iter_messages(reader, bag, conns):
-            msg = reader.deserialize(raw, HUMAN_ACTION_TYPE)
+        for _conn, _t, msg in reader.decoded(conns):
             segments.append(Segment(int(msg.sequence), time_to_ns(msg.window_start), time_to_ns(msg.header.stamp),
                                     {tp.task: tp.label for tp in msg.tasks}))
     return sorted(segments, key=lambda s: s.start_ns)

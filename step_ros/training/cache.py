@@ -27,6 +27,7 @@ and preprocess ahead of the backbone, and splits videos across ``torchrun`` rank
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -196,15 +197,22 @@ def _to_storage(tokens: torch.Tensor, cache: TokenCache, sample: Sample) -> torc
     return stored
 
 
+@functools.lru_cache(maxsize=1024)
+def _header_fps(video: str) -> str:
+    """A video's frame rate from its header, read once per video (its segments and views share it)."""
+    try:
+        return str(float(video_info(video).fps))
+    except (VideoError, OSError, ValueError):
+        return ""
+
+
 def _save_tokens(path: Path, stored: torch.Tensor, cache: TokenCache, sample: Sample, hflip: bool,
                  num_frames: int) -> None:
     """Write atomically: a file is whole or absent, whoever reads the folder meanwhile."""
     # Unique temporary name: ranks and machines may share the folder (multi-node extraction).
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    try:  # the frame rate: what sampling by time needs (row r is frame r * stride, at r * stride / fps s)
-        fps = str(float(sample.fps or video_info(sample.video).fps))
-    except (VideoError, OSError, ValueError):
-        fps = ""
+    # the frame rate: what sampling by time needs (row r is frame r * stride, at r * stride / fps s)
+    fps = str(float(sample.fps)) if sample.fps else _header_fps(str(sample.video))
     save_file({"tokens": stored}, str(tmp), metadata={
         "format": str(CACHE_FORMAT), "video": str(sample.video), "segment": f"{sample.start_frame}:{sample.end_frame}",
         "backbone": cache.backbone_id, "hflip": str(hflip).lower(), "frame_stride": str(cache.frame_stride),

@@ -40,3 +40,14 @@ def test_debug_report_splits_at_subscription_and_writes_the_newest_image(tmp_pat
     written = cv2.imread(report["png"])  # BGR on disk
     assert written.shape == (6, 8, 3)
     assert tuple(written[0, 0]) == (0, 0, 255) and tuple(written[0, 7]) == (0, 0, 0)
+
+
+def test_a_short_soak_runs_the_node_over_dds_and_writes_its_report(tmp_path) -> None:
+    """`step-ros soak` end to end (real node subprocess, real DDS): a few seconds of the demo
+    model.  The report and its figure are written, and the node kept up."""
+    from step_ros.ros.soak import run_soak
+
+    report = run_soak(None, frames=60, fps=15.0, out=tmp_path, size=64)
+    assert (tmp_path / "soak.json").is_file() and (tmp_path / "soak.png").stat().st_size > 0
+    assert report["node_exit_code"] == 0 and report["frames_sent"] == 60
+    assert report["predictions_received"] > 0 and report["figure"].endswith("soak.png")

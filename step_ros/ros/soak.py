@@ -188,7 +188,7 @@ def run_soak(manifest: Path | None, frames: int, fps: float, out: Path, size: in
 
     source = synthetic_frames(n_clips=8, size=size)
     context = Context()
-    rclpy.init(context=context)
+    rclpy.init(args=["step_ros_soak"], context=context)  # not sys.argv: `name:=value` there is the node's
     node = rclpy.create_node("step_ros_soak", context=context)
     listener = _Listener(node, out_topic)
     pub = node.create_publisher(Image, image_topic, QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST,
@@ -265,7 +265,9 @@ def run_soak(manifest: Path | None, frames: int, fps: float, out: Path, size: in
         report["debug_image"] = _debug_report(listener, diags, fps, out / "debug_image.png")
     _print(report, print_table)
     write_json(report, out / "soak.json")
-    title = f"soak: {man.name}, {frames} frames at {fps:g} fps"
+    from step_ros.model.manifest import load_manifest
+
+    title = f"soak: {load_manifest(manifest).name}, {frames} frames at {fps:g} fps"
     if node_params:
         title += f" ({' '.join(node_params)})"
     png = _plot(actions, rss, sent_stamps, out / "soak.png", title)

@@ -213,14 +213,23 @@ def test_tensorrt_engine_build_cache_and_rebuild(tiny_model, tmp_path):
 def test_bench_command_small_configuration(tmp_path, capsys):
     """`step-ros bench` end to end on a tiny configuration: every row present, ratios to baselines."""
     from step_ros.cli import main
+    from step_ros.model import fast_step
 
+    before = tmp_path / "fast_step_before.py"  # an "earlier engine": the current one, as a file
+    before.write_text(Path(fast_step.__file__).read_text())
     assert main(["bench", "--arch", "dinov2_vitt14", "--image-size", "56", "--frames", "4", "--frame-size", "64",
-                 "--repeat", "2", "--clip-repeat", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+                 "--repeat", "2", "--clip-repeat", "1", "--threads", "1", "--out", str(tmp_path), "--no-sweep",
+                 "--extra-arch", "--baseline-engine", str(before)]) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     names = [r["name"] for r in result["rows"]]
     assert any(n.startswith("backbone torch") for n in names) and any("onnxruntime" in n for n in names)
-    stream = next(r for r in result["rows"] if r["name"] == "streaming: 1 backbone pass + 3 fast head(s)")
-    assert stream["backbone_passes_per_new_frame"] == 1 and stream["ratio_to_baseline"] > 0
+    for variant in ("before (fast_step_before.py)", "torch kernels", "onnxruntime kernels"):
+        stream = next(r for r in result["rows"] if r["name"] == f"streaming: 1 backbone pass + 3 fast heads, {variant}")
+        assert stream["backbone_calls_per_new_frame"] == 1 and stream["ratio_to_baseline"] > 0
+        assert stream["backbone_passes"] > 0 and stream["fallbacks"] == 0
+        heads = next(r for r in result["rows"] if r["name"] == f"heads only: fast STEP engine, {variant} x3")
+        assert heads["max_abs_diff_vs_sdpa"] < 1e-4 and heads["ms_add_frame"] > 0 and heads["ms_predict"] > 0
+    assert sum(n.startswith("pass over 1 head's blocks") for n in names) == 4  # fp32 x2, fp16, bf16
     assert any("token_pool 2 (approximate)" in n for n in names)  # 4 x 4 grid: pools to 2 x 2
     assert (tmp_path / "bench_latency.png").stat().st_size > 0
     assert "step-ros bench" in capsys.readouterr().out

@@ -157,15 +157,40 @@ def test_pool_patch_grid_averages_neighbourhoods():
         pool_patch_grid(torch.zeros(1, 12, 1), 2)
 
 
-def test_tiled_block_creation_is_identical():
-    heads = make_heads(qk_scale=2.0)
+@pytest.mark.parametrize("qk_scale", [1.0, 40.0])
+def test_onnxruntime_and_torch_kernels_agree(qk_scale):
+    """The two kernel implementations (fast_kernels.py) give the same predictions, exact rows
+    included, and each equals the reference forward."""
+    pytest.importorskip("onnxruntime")
+    heads = make_heads(qk_scale=qk_scale)
     frames = torch.randn(2 * T, 1 + N_TOK, D)
-    a, b = FastStepRunner(heads, tile=16), FastStepRunner(heads, tile=3)
-    for i in range(len(frames)):
-        a.add_frame(i, frames[i])
-        b.add_frame(i, frames[i])
+    runners = {k: FastStepRunner(heads, kernels=k) for k in ("torch", "onnxruntime")}
+    assert {k: r.kernels for k, r in runners.items()} == {"torch": "torch", "onnxruntime": "onnxruntime"}
+    for k, runner in runners.items():
+        assert stream(runner, heads, frames, order=np.arange(T)[::-1].copy()) == T + 1
+        assert runner.fallbacks == 0
     ids = np.arange(T, 2 * T)
-    assert_same(a.predict(frames[ids], ids), b.predict(frames[ids], ids))
+    a, b = (r.predict(frames[ids], ids) for r in runners.values())
+    for task in a:
+        torch.testing.assert_close(a[task], b[task], rtol=1e-5, atol=1e-6)
+    assert runners["torch"].exact_rows == runners["onnxruntime"].exact_rows
+
+
+def test_a_filling_window_has_no_exact_rows():
+    """Blocks against empty slots are made (and never read) while the window fills: they must
+    not be taken for sharp rows (they were, and a node then spent seconds per frame)."""
+    runner = FastStepRunner(make_heads())
+    frames = torch.randn(T, 1 + N_TOK, D)
+    for i in range(T):
+        runner.add_frame(i, frames[i])
+        assert runner.exact_rows == 0, f"after {i + 1} frames"
+
+
+def test_kernels_are_validated():
+    heads = make_heads()
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        FastStepRunner(heads, kernels="mkl")
+    assert FastStepRunner(heads, kernels="auto").kernels in ("torch", "onnxruntime")
 
 
 def test_non_default_step_config_uses_reference_forward(log_records):
@@ -188,12 +213,59 @@ def test_non_default_step_config_uses_reference_forward(log_records):
     stream(runner, both, torch.randn(2 * T, 1 + N_TOK, D))
 
 
-def test_extreme_logits_fall_back_and_are_counted():
-    heads = make_heads(qk_scale=40.0)
+@pytest.mark.parametrize("qk_scale, token_scale", [(1.0, 1.0), (1.0, 3.0), (1.0, 10.0), (5.0, 10.0), (40.0, 1.0),
+                                                    (40.0, 10.0), (5.0, 30.0)])
+def test_no_fallback_at_any_logit_spread(qk_scale, token_scale):
+    """Sharp heads and huge tokens: no fallback, and the error against a float64 forward stays
+    at the float32 SDPA forward's own (exact rows carry what the factored form cannot)."""
+    heads = {k: h for k, h in make_heads(qk_scale=qk_scale).items() if k.startswith("step")}
     runner = FastStepRunner(heads)
-    stream(runner, heads, torch.randn(2 * T, 1 + N_TOK, D))
-    assert runner.fallbacks > 0
-    assert runner.fallback_reasons["numerics"] == runner.fallbacks
+    torch.manual_seed(1)
+    frames = torch.randn(3 * T, 1 + N_TOK, D) * token_scale
+    worst = {"fast": 0.0, "sdpa": 0.0}
+    exact_rows = 0
+    for i in range(len(frames)):
+        runner.add_frame(i, frames[i])
+        if i < T - 1:
+            continue
+        ids = np.arange(i - T + 1, i + 1)
+        ids = ids[::-1].copy() if i % 2 else ids  # reversed windows too
+        window = frames[ids]
+        out = runner.predict(window, ids)
+        exact_rows = max(exact_rows, runner.exact_rows)
+        with torch.inference_mode():
+            for task, head in heads.items():
+                truth = head.double()(window[None].double())[0]
+                sdpa = head.float()(window[None])[0]
+                scale = max(1.0, truth.abs().max().item())
+                worst["fast"] = max(worst["fast"], (out[task].double() - truth).abs().max().item() / scale)
+                worst["sdpa"] = max(worst["sdpa"], (sdpa.double() - truth).abs().max().item() / scale)
+    print(f"qk x{qk_scale:g}, tokens x{token_scale:g}: exact rows {exact_rows}, max |dlogit| / max(1, |logit|): "
+          f"fast {worst['fast']:.1e}, fp32 SDPA {worst['sdpa']:.1e}")
+    assert runner.fallbacks == 0 and runner.reference_predictions == 0
+    assert worst["fast"] <= max(1e-5, 10 * worst["sdpa"])
+    if qk_scale >= 40:
+        assert exact_rows > 0  # the log-domain rows were exercised
+    if qk_scale == 1.0 and token_scale <= 3:
+        assert exact_rows == 0  # ordinary heads never need them
+
+
+def test_non_finite_tokens_use_the_reference_forward_and_are_counted(log_records):
+    heads = make_heads()
+    runner = FastStepRunner(heads)
+    records = log_records("step_ros.model.fast_step", logging.INFO)
+    frames = torch.randn(T + 1, 1 + N_TOK, D)
+    frames[T, 3, 5] = float("nan")
+    for i in range(T + 1):
+        runner.add_frame(i, frames[i])
+    ids = np.arange(1, T + 1)
+    out = runner.predict(frames[ids], ids)
+    assert runner.fallbacks == 1 and runner.fallback_reasons == {"non-finite": 1}
+    assert all(torch.isnan(v).all() for v in out.values())  # what the reference forward gives
+    assert any("non-finite" in r.getMessage() for r in records)
+    ids = np.arange(0, T)  # the NaN frame left the window: the fast path again
+    assert_same(runner.predict(frames[ids], ids), reference(heads, frames[ids]))
+    assert runner.fallbacks == 1
 
 
 def test_incomplete_and_unseen_windows():
@@ -259,3 +331,14 @@ def test_streaming_engine_fast_runner_equals_reference_runner():
             assert out.tasks[task].index == r.index
     assert engines[1].stats.resets == {"gap": 1}
     assert n > 10 and fast.fallbacks == 0 and fast.reference_predictions > 0
+
+
+def test_fallback_sweep_reports_no_fallback_and_the_error():
+    """The bench's sweep (step-ros bench, rows "fallback sweep") on tiny sharp heads."""
+    from step_ros.deploy.bench_heads import sweep_fallbacks
+
+    heads = {k: h for k, h in make_heads(qk_scale=5.0).items() if k.startswith("step")}
+    rows = sweep_fallbacks(heads, torch.randn(T + 2, 1 + N_TOK, D), scales=(1.0, 10.0), label="tiny")
+    assert [r["name"] for r in rows] == ["fallback sweep: tiny, tokens x1", "fallback sweep: tiny, tokens x10"]
+    assert [r["fallbacks"] for r in rows] == [0, 0] and all(r["predictions"] == 3 for r in rows)
+    assert all(r["max_abs_dlogit"] <= 1e-5 * max(1.0, r["max_abs_logit"]) for r in rows)

@@ -539,6 +539,9 @@ def test_publishes_offline_predictions(raw_node, raw_stream, listener, offline):
     assert d["dropped_busy"] == "0" and d["invalid"] == "0" and d["window resets"] == "0"
     assert d["frames sampled"] == "12" and d["backbone passes"] == "12" and d["published"] == "12"
     assert d["head runner"] in ("fast", "reference") and d["backend"].startswith("torch")
+    if d["head runner"] == "fast":  # the exact engine's counters: nothing handed back, nothing extreme
+        assert d["head kernels"] in ("torch", "onnxruntime")
+        assert d["fast engine fallbacks (non-finite)"] == "0" and d["fast engine exact rows"] == "0"
     assert "tiny" in d["model"] and d["frame interval"] == str(K)
     # the tiny manifest has no sample_period_s (an old one): frame-count sampling, the camera's rate
     # and the sample period are still measured from the stamps (20 Hz camera, every 2nd frame)

@@ -12,7 +12,7 @@ Derivation (per STEP head, per attention head of width ``d``; scale ``1/sqrt(d)`
 the query side).  Frame tokens at window position ``P`` are ``x = e + t_P``; the fused qkv
 projection splits into a *content* part and a *position* part::
 
-    q = a + c_P,   a = e Wq^T / sqrt(d),   c_P = (t_P Wq^T + bq) / sqrt(d)
+    q = a + c_P,   a = e Wq^T / sqrt(d) + c_bar,   c_P = (t_P Wq^T + bq) / sqrt(d) - c_bar
     k = b + c'_P,  b = e Wk^T,             c'_P = t_P Wk^T + bk
     v = u + c''_P, u = e Wv^T,             c''_P = t_P Wv^T + bv
 
@@ -30,12 +30,13 @@ and the max-stabilised ``U^F = exp(gamma^F - mu^F)``, ``mu^F[P] = max_l gamma^F_
 
 * softmax normaliser of query j (frame G at P_G)::
 
-      log Z_j = logsumexp( s_jg,  { beta_j[P_F] + kappa[P_G,P_F] + M^{GF}_j[P_G] }_F )
-      M^{GF}_j[P] = m_j + mu^F[P] + log(E^{GF}_j . U^F[:, P])     (all P, at block creation)
+      log Z_j = logsumexp( s_jg,  { big^{GF}_j + M^{GF}_j[P_G] }_F )
+      big^{GF}_j = beta_j[P_F] + kappa[P_G,P_F] + m^{GF}_j + mu^F[P_G]
+      M^{GF}_j[P] = log(E^{GF}_j . U^F[:, P])     (all P, at block creation)
 
 * mean pooling is linear, so only the *column sums* of the attention matrix are needed::
 
-      r'_{jGF} = exp(beta_j[P_F] + kappa[P_G,P_F] + m^{GF}_j + mu^F[P_G] - log Z_j)
+      r'_{jGF} = exp(big^{GF}_j - log Z_j)
       W^F_l    = sum_G U^F_l[P_G] * (r'_{.GF}^T E^{GF})_l      (+ the CLS query's row)
       o_bar    = ( sum_F W^F (u_F + c''_{P_F}) + W_g v_g ) / N,  logits = cls(proj(o_bar))
 
@@ -56,20 +57,36 @@ one frame, ``2T - 1`` new ``n x n`` blocks per attention head (a GEMM, a row max
 (``T^2 H n^2`` multiply-adds: memory-bound, it reads each stored block once) and small
 ``O(T^2 H n)`` log-domain bookkeeping.  Memory: ``K H T^2 n^2`` float32 for the blocks
 (~403 MB per STEP head for ViT-S, T=16, n=256, H=6), see :meth:`FastStepRunner.memory_bytes`.
+The block creation and the GEMV are the two kernels of :mod:`.fast_kernels` (PyTorch, or ONNX
+Runtime on CPUs); everything else here is PyTorch.
 
 The block cache is indexed by *frame slot*, not by position, so it is independent of the
 window order: the same cache serves any order of the same frames (e.g. reversed).
 
-Numerical safety.  All sums are of positive terms and every large quantity lives in the log
-domain.  At block creation ``rho^{GF}[P] = max_j -log(E_j . U^F[:, P])`` is recorded; it bounds
-``log r'`` for the block when G sits at position P.  If ``rho <= RANGE_LIMIT`` (=60) then
-``r' <= e^60``, nothing overflows, and any entry of ``E`` or ``U`` that underflowed (< 1e-38)
-would have contributed less than ``1e-38 * e^60 ~ 1e-12`` of a softmax row: the prediction is
-exact to float32 rounding.  Otherwise -- both the row's logit spread and the positional term's
-spread beyond ~60 at once, far outside trained attention -- or if anything non-finite appears,
-that group's prediction is recomputed with the reference forward and counted in
-:attr:`FastStepRunner.fallbacks` (a silent underflow would otherwise give a finite, wrong
-result: checking for non-finite output alone is not enough).
+Numerical safety: exact for any logit spread, with no fallback.  Three rules.
+
+* The position-independent part of the query's positional term, ``c_bar = mean_P c_P`` (for
+  ``pe: none`` all of it: the query bias), is folded into the content query ``a``; ``gamma``
+  then only carries ``(c_P - c_bar) . b_l``, so ``U`` is flat unless the PE itself is large.
+* At block creation ``rho_j[P] = -log(E_j . U^F[:, P])`` is known for every P; it bounds
+  ``log r'``.  A row whose ``rho`` exceeds :data:`RANGE_LIMIT` (=60) for some P, where an
+  entry of E or U that underflowed (< 1e-38) could matter, is an *exact row*: its slot in E
+  holds ``S - m`` instead of ``exp(S - m)``, it is left out of the GEMV (``r' = 0``), and each
+  prediction takes it through ``exp`` directly: ``x_l = (S_jl - m_j) + (gamma_l[P] - mu[P])``,
+  its normaliser ``logsumexp(x)`` and its column weights ``exp(x_l + log r')``, all moderate
+  numbers.  Realistic heads have none; a sharp head with huge tokens has many, and pays
+  ``O(n)`` exponentials per exact row and prediction (counted in
+  :attr:`FastStepRunner.exact_rows`).  Every other row satisfies ``r' <= e^60``, so nothing
+  overflows and an underflowed entry weighs under ``1e-38 e^60 ~ 1e-12`` of its row.
+* ``log Z_j`` is held as ``ref + small``, ``ref`` being the large part (``beta + kappa + m +
+  mu``) of the row's dominant term, and never added up, so the dominant term's ``log r'`` is
+  ``0 - small`` as in a plain softmax's ``s - max(s)``.  Summing the large terms first would
+  cost ``ulp(|s|)`` in every weight: a few percent at logits of 1e4.
+
+Measured against a float64 forward over query/key scales 1-40 and token scales 1-30 (test
+``test_no_fallback_at_any_logit_spread``), the error stays at the fused SDPA forward's own
+float32 error.  Non-finite tokens or weights still give the reference forward, counted in
+:attr:`FastStepRunner.fallbacks`.
 
 STEP configurations the algebra does not cover (PE token-wise or after the attention, no global
 CLS, CLS/both token sets, LN/MLP blocks) and every other head kind run their normal forward on
@@ -88,14 +105,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .fast_kernels import host_zeros, make_kernels, resolve_kernels
 from .heads import MultiHeadAttention, StepHead, pool_patch_grid
 
 log = logging.getLogger(__name__)
 
-#: Above this logit spread (in both factors of one block at once) a prediction falls back.
+#: A block row whose ``-log(E_j . U[:, P])`` exceeds this for some P is kept in the log domain.
 RANGE_LIMIT = 60.0
-#: Frames per batch of new blocks in ``add_frame`` (measured: smaller tiles only add call overhead).
-DEFAULT_TILE = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,11 +173,13 @@ class _StepGroup:
     """K STEP heads with the same number of attention heads H and the same token pooling,
     computed in batched calls (``n`` below is the pooled token count).
 
-    Tensor layout: K (STEP heads), H (attention heads), slots s (frame cache slots, T of them),
-    positions P (window positions, T of them), n tokens, d head width.
+    Tensor layout, slot-major (every block a new frame makes lands in one contiguous buffer,
+    which the ONNX Runtime kernels write in place): G / F / s (query / key / any frame cache
+    slot, T of them), P (window positions, T of them), K (STEP heads), H (attention heads),
+    n tokens, d head width.  The per-position constants from the weights stay (K, H, ...).
     """
 
-    def __init__(self, tasks: list[str], heads: list[StepHead], frames: int, tile: int | None = None) -> None:
+    def __init__(self, tasks: list[str], heads: list[StepHead], frames: int, kernels: str = "auto") -> None:
         self.tasks, self.heads, self.T = tasks, heads, frames
         self.K = len(heads)
         self.pool = heads[0].token_pool
@@ -169,8 +187,9 @@ class _StepGroup:
         self.D = heads[0].attn.qkv.in_features
         self.d = self.D // self.H
         self.n: int | None = None
-        self.tile = max(1, min(tile or DEFAULT_TILE, frames))
         self.refresh()
+        self.kernels_request = kernels
+        self.kernels_name = resolve_kernels(kernels, self.device)  # validated now, final at allocate()
 
     # -- constants: position and CLS terms, weights --------------------------------------------
     @torch.inference_mode()
@@ -179,6 +198,7 @@ class _StepGroup:
         K, H, T, D, d = self.K, self.H, self.T, self.D, self.d
         scale = 1.0 / math.sqrt(d)
         self.W = torch.stack([h.attn.qkv.weight.detach().float() for h in self.heads])  # (K, 3D, D)
+        self.Wt = self.W.transpose(1, 2).contiguous()  # (K, D, 3D)
         self.device = self.W.device  # every cache and index lives with the heads' weights
         bias = torch.stack([h.attn.qkv.bias.detach().float() for h in self.heads])  # (K, 3D)
         pes = []
@@ -188,176 +208,221 @@ class _StepGroup:
         pe = torch.stack(pes)  # (K, T, D)
         pos = torch.baddbmm(bias[:, None], pe, self.W.transpose(1, 2))  # (K, T, 3D): t_P W^T + b
         pos = pos.reshape(K, T, 3, H, d).permute(2, 0, 3, 1, 4)  # (3, K, H, T, d)
-        self.cq = pos[0] * scale  # c_P (query side, pre-scaled)
+        cq = pos[0] * scale  # c_P (query side, pre-scaled)
+        # The position-independent part of the query's positional term (mostly the query bias)
+        # goes into the content blocks, so that only the deviation ``c_P - c_bar`` multiplies
+        # U: stored blocks then stay well inside float32's range (see "Numerical safety").
+        self.cq_bar = cq.mean(2)  # (K, H, d)
+        self.cq = (cq - self.cq_bar[:, :, None]).contiguous()  # c_P - c_bar
         self.ck = pos[1].contiguous()  # c'_P
         self.cv = pos[2].contiguous()  # c''_P
         g = torch.stack([h.global_cls.detach().float().reshape(D) for h in self.heads])  # (K, D)
         gqkv = (torch.einsum("kd,ked->ke", g, self.W) + bias).reshape(K, 3, H, d)
         self.qg, self.kg, self.vg = gqkv[:, 0] * scale, gqkv[:, 1], gqkv[:, 2]  # (K, H, d)
         self.kappa = torch.matmul(self.cq, self.ck.transpose(-1, -2))  # (K, H, P, P')
-        self.cls_key_pos = torch.einsum("khpd,khd->khp", self.cq, self.kg)  # c_P . k_g
-        self.cls_query_pos = torch.einsum("khpd,khd->khp", self.ck, self.qg)  # q_g . c'_P
+        self.cls_key_pos = torch.einsum("khpd,khd->pkh", self.cq, self.kg)  # (P, K, H): c_P . k_g
+        self.cls_query_pos = torch.einsum("khpd,khd->pkh", self.ck, self.qg)  # (P, K, H): q_g . c'_P
         self.s_gg = (self.qg * self.kg).sum(-1)  # (K, H)
         self.proj_w = torch.stack([h.attn.proj.weight.detach().float() for h in self.heads])
         self.proj_b = torch.stack([h.attn.proj.bias.detach().float() for h in self.heads])
 
     # -- caches -------------------------------------------------------------------------------
-    def cache_shapes(self, n: int) -> dict[str, tuple[int, ...]]:
+    def cache_shapes(self, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every per-frame cache, slot-major: G (query slot), F (key slot), P (position)."""
         K, H, T, d = self.K, self.H, self.T, self.d
+        f32 = torch.float32
         return {
-            "E": (K, T, H, T, n, n),  # [k, slot G, h, slot F, j, l]: exp(S^{GF} - m^{GF})
-            "m": (K, H, T, T, n),  # [G, F, j]: max_l S^{GF}_jl (row stabiliser of E)
-            "M": (K, H, T, T, T, n),  # [P, G, F, j]: m + mu^F[P] + log(E_j . U^F[:, P])
-            "rho": (K, H, T, T, T),  # [P, G, F]: max_j -log(E_j . U^F[:, P])  (bounds log r')
-            "a": (K, H, T, n, d),  # query content (scaled), per slot
-            "b": (K, H, T, n, d),  # key content
-            "u": (K, H, T, n, d),  # value content
-            "beta": (K, H, T, T, n),  # [P', slot G, j]: a_j . c'_{P'}
-            "delta": (K, H, T, n),  # a_j . k_g   (query content vs CLS key)
-            "eps": (K, H, T, n),  # q_g . b_l   (CLS query vs key content)
-            "U": (K, H, T, T, n),  # [P, slot F, l]: exp(gamma - mu)
-            "Ut": (K, H, T, n, T),  # [slot F, l, P]: U again, in the layout E @ U wants
-            "mu": (K, H, T, T),  # [P, slot F]: max_l gamma
-            "scratch": (self.tile, n, n),  # new blocks of one attention head, `tile` frames
-            "mx_r": (K, H, T, n),  # row / column blocks of the newest frame: row max of S,
-            "eu_r": (K, H, T, n, T),  # E @ U
-            "mx_c": (K, H, T, n),
-            "eu_c": (K, H, T, n, T),
-            "r_buf": (K, T, H, T, n),  # per prediction: r' and the GEMV result, in E's order
-            "w_buf": (K, T, H, T, n),
+            "E": ((T, T, K, H, n, n), f32),  # [G, F, k, h, j, l]: exp(S^{GF} - m^{GF});
+            #                                   an exact row holds S - m instead (see `exact`)
+            "exact": ((T, T, K, H, n), torch.bool),  # rows of E kept in the log domain
+            "m": ((T, T, K, H, n), f32),  # [G, F, ., ., j]: max_l S^{GF}_jl (row stabiliser of E)
+            "M": ((T, T, T, K, H, n), f32),  # [G, P, F, ., ., j]: log(E_j . U^F[:, P])
+            "a": ((T, K, H, n, d), f32),  # query content + c_bar (scaled), per slot
+            "bT": ((T, K, H, d, n), f32),  # key content, transposed
+            "u": ((T, K, H, n, d), f32),  # value content
+            "beta": ((T, T, K, H, n), f32),  # [G, P', ., ., j]: a_j . c'_{P'}
+            "delta": ((T, K, H, n), f32),  # a_j . k_g   (query content vs CLS key)
+            "eps": ((T, K, H, n), f32),  # q_g . b_l   (CLS query vs key content)
+            "U": ((T, T, K, H, n), f32),  # [P, F, ., ., l]: exp(gamma - mu)
+            "logU": ((T, T, K, H, n), f32),  # gamma - mu (U before the exp, for exact rows)
+            "Ut": ((T, K, H, n, T), f32),  # [F, ., ., l, P]: U again, in the layout E @ U wants
+            "mu": ((T, T, K, H), f32),  # [P, F, ., .]: max_l gamma
+            "qkv": ((K, n, 3 * self.D), f32),  # the newest frame's content projection
+            "mr": ((T, K, H, n), f32),  # its row blocks (x, F): row max of S,
+            "eur": ((T, K, H, n, T), f32),  # log(E @ U),
+            "minr": ((T, K, H, n), f32),  # and its minimum over the positions
+            "mc": ((T, K, H, n), f32),  # its column blocks (G, x), the same
+            "euc": ((T, K, H, n, T), f32),
+            "minc": ((T, K, H, n), f32),
+            "r_buf": ((T, T, K, H, n), f32),  # per prediction: r' and the GEMV result, E's order
+            "w_buf": ((T, T, K, H, n), f32),
+            "big_buf": ((T, T, K, H, n), f32),  # per prediction: gathered per-block terms
+            "M_buf": ((T, T, K, H, n), f32),
+            "U_buf": ((T, T, K, H, n), f32),
+            "t_buf": ((T, T, K, H, n), f32),
         }
 
     def allocate(self, n: int) -> None:
         self.n = n
-        for name, shape in self.cache_shapes(n).items():
-            setattr(self, name, torch.empty(shape, dtype=torch.float32, device=self.device))
+        for name, (shape, dtype) in self.cache_shapes(n).items():
+            setattr(self, name, host_zeros(shape, dtype, self.device))
+        self._ar_T = torch.arange(self.T, device=self.device) * self.T  # row G*T + P of M.view(T*T, ...)
+        self.kernels_name = resolve_kernels(self.kernels_request, self.device, n)
+        self.kernels = make_kernels(self.kernels_name, self)  # binds the buffers just made
 
     def memory_bytes(self, n: int | None = None) -> int:
         n = n or self.n
         if n is None:
             return 0
-        return sum(4 * math.prod(s) for s in self.cache_shapes(n).values())
+        return sum(math.prod(s) * t.itemsize for s, t in self.cache_shapes(n).values())
 
     @torch.inference_mode()
-    def add_frame(self, x: int, filled: list[int], patches: torch.Tensor) -> None:
-        """Cache frame content at slot ``x`` and create every block pairing it with ``filled``
-        (sorted slots now holding frames, ``x`` included): row blocks (x, F) and column blocks
-        (G, x); the (x, x) block is made twice, with the same values.
-
-        Blocks are made ``tile`` frames of one attention head at a time (see the loop).
-        """
-        K, H, T, d = self.K, self.H, self.T, self.d
+    def add_frame(self, x: int, patches: torch.Tensor, filled: list[int]) -> None:
+        """Cache frame content at slot ``x`` and create every block pairing it with a slot:
+        row blocks (x, F) and column blocks (G, x); the (x, x) block is made twice, with the
+        same values.  Blocks with slots not in ``filled`` (no frame there yet) are made too, and
+        never read."""
+        K, H, d = self.K, self.H, self.d
         n = patches.shape[0]
         if self.n != n:
             self.allocate(n)
-        g = len(filled)
-        full = g == T
-        idx: Any = slice(None) if full else torch.tensor(filled, dtype=torch.long, device=self.device)
-        qkv = torch.matmul(patches, self.W.transpose(1, 2))  # (K, n, 3D), no bias (content only)
+        qkv = self.kernels.project(patches.contiguous())  # (K, n, 3D), no bias (content only)
         qkv = qkv.reshape(K, n, 3, H, d).permute(2, 0, 3, 1, 4)  # (3, K, H, n, d)
-        a = qkv[0] * (1.0 / math.sqrt(d))
+        a = qkv[0] * (1.0 / math.sqrt(d)) + self.cq_bar[:, :, None]
         b = qkv[1]
-        self.a[:, :, x] = a
-        self.b[:, :, x] = b
-        self.u[:, :, x] = qkv[2]
-        self.beta[:, :, :, x] = torch.matmul(self.ck, a.transpose(-1, -2))  # (K, H, P', n)
+        self.a[x] = a
+        self.bT[x] = b.transpose(-1, -2)
+        self.u[x] = qkv[2]
+        self.beta[x] = torch.matmul(self.ck, a.transpose(-1, -2)).permute(2, 0, 1, 3)  # (P', K, H, n)
         gamma = torch.matmul(self.cq, b.transpose(-1, -2))  # (K, H, P, n)
-        gmx = gamma.amax(-1)
-        self.mu[:, :, :, x] = gmx
-        Ux = torch.exp(gamma - gmx[..., None])
-        self.U[:, :, :, x] = Ux
-        self.Ut[:, :, x] = Ux.transpose(-1, -2)
-        self.delta[:, :, x] = torch.einsum("khnd,khd->khn", a, self.kg)
-        self.eps[:, :, x] = torch.einsum("khnd,khd->khn", b, self.qg)
+        gmx = gamma.amax(-1, keepdim=True)
+        self.mu[:, x] = gmx[..., 0].permute(2, 0, 1)
+        log_u = (gamma - gmx).permute(2, 0, 1, 3)  # (P, K, H, n)
+        self.logU[:, x] = log_u
+        torch.exp(log_u, out=self.U[:, x])
+        self.Ut[x] = self.U[:, x].permute(1, 2, 3, 0)
+        self.delta[x] = torch.einsum("khnd,khd->khn", a, self.kg)
+        self.eps[x] = torch.einsum("khnd,khd->khn", b, self.qg)
 
-        # The big work, one attention head and ``tile`` frames at a time: every call is a large
-        # batched GEMM or a plain elementwise pass (measured on 2 cores: batching several
-        # attention heads per call was slower, smaller tiles only added call overhead).
-        mx_r, mx_c = (self._dense(buf, (K, H, g, n)) for buf in (self.mx_r, self.mx_c))
-        eu_r, eu_c = (self._dense(buf, (K, H, g, n, T)) for buf in (self.eu_r, self.eu_c))
-        for f0 in range(0, g, self.tile):
-            f1 = min(g, f0 + self.tile)
-            t = f1 - f0
-            fs: Any = (slice(filled[f0], filled[f0] + t) if full
-                       else torch.tensor(filled[f0:f1], dtype=torch.long, device=self.device))
-            sc = self._dense(self.scratch, (t, n, n))
-            flat = sc.view(t * n, n)
-            for k in range(K):
-                for h in range(H):
-                    # row blocks (x, F): [F, j, l] = a_x[j] . b_F[l]
-                    torch.matmul(self.a[k, h, x], self.b[k, h, fs].transpose(-1, -2), out=sc)
-                    mr = mx_r[k, h, f0:f1]
-                    torch.amax(sc, -1, out=mr)
-                    dest = self.E[k, x, h, fs] if full else sc  # (t, n, n), dense
-                    torch.sub(sc, mr[..., None], out=dest).exp_()  # E = exp(S - rowmax)
-                    torch.matmul(dest, self.Ut[k, h, fs], out=eu_r[k, h, f0:f1])  # (t, n, P)
-                    if not full:
-                        self.E[k, x, h, fs] = sc
-                    # column blocks (G, x): [G, j, l] = a_G[j] . b_x[l]  (one GEMM)
-                    torch.matmul(self.a[k, h, fs].reshape(t * n, d), self.b[k, h, x].t(), out=flat)
-                    mc = mx_c[k, h, f0:f1]
-                    torch.amax(sc, -1, out=mc)
-                    sc.sub_(mc[..., None]).exp_()
-                    torch.matmul(flat, self.Ut[k, h, x], out=eu_c[k, h, f0:f1].view(t * n, T))
-                    self.E[k, fs, h, x] = sc
-        # log-domain bookkeeping, batched over all heads
-        eu = eu_r.log_()  # (K, H, F, n, P): log(E_j . U^F[:, P])
-        self.rho[:, :, :, x, idx] = eu.amax(3).neg_().transpose(-1, -2)
-        eu.add_(mx_r[..., None]).add_(self.mu[:, :, :, idx].transpose(-1, -2)[:, :, :, None, :])
-        self.M[:, :, :, x, idx] = eu.permute(0, 1, 4, 2, 3)  # (K, H, P, F, n)
-        self.m[:, :, x, idx] = mx_r
-        eu = eu_c.log_()  # (K, H, G, n, P): log(E_j . U^x[:, P])
-        self.rho[:, :, :, idx, x] = eu.amax(3).neg_().transpose(-1, -2)
-        eu.add_(mx_c[..., None]).add_(self.mu[:, :, None, None, :, x])
-        self.M[:, :, :, idx, x] = eu.permute(0, 1, 4, 2, 3)  # (K, H, P, G, n)
-        self.m[:, :, idx, x] = mx_c
+        self.kernels.create(x)  # E[x, :], E[:, x], their row maxima and E @ U: the big work
+        mask = torch.zeros(self.T, dtype=torch.bool, device=self.device)
+        mask[filled] = True
+        self._keep_exact_rows(x, mask)
+        self.M[x] = self.eur.permute(4, 0, 1, 2, 3)  # (P, F, K, H, n)
+        self.M[:, :, x] = self.euc.permute(0, 4, 1, 2, 3)  # (G, P, K, H, n)
+        self.m[x] = self.mr
+        self.m[:, x] = self.mc
 
-    @staticmethod
-    def _dense(buf: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """A dense tensor of ``shape`` on the front of the preallocated ``buf``."""
-        return buf.view(-1)[: math.prod(shape)].view(shape)
+    def _keep_exact_rows(self, x: int, filled: torch.Tensor) -> None:
+        """Flag the new blocks' rows that the factored form cannot carry exactly and put them
+        in the log domain: ``E[row] = S[row] - m[row]``.  ``filled``: (T,) bool, slots that
+        hold a frame (blocks with empty slots are never read, so never fixed).
+
+        A row is exact-by-factoring when, for every position P, ``log r' <= -log(E_j . U[:, P])
+        <= RANGE_LIMIT``: then nothing the prediction multiplies overflows, and every entry of E
+        or U that underflowed weighs under ``1e-38 e^60 ~ 1e-12`` of its softmax row.
+        """
+        for new_is_query, low, mx in ((True, self.minr, self.mr), (False, self.minc, self.mc)):
+            bad = ~(low >= -RANGE_LIMIT) & filled[:, None, None, None]  # (slot, K, H, n); NaN is bad
+            if new_is_query:
+                self.exact[x] = bad
+            else:
+                self.exact[:, x] = bad
+            if not bool(bad.any()):
+                continue
+            # S of every block with a bad row, recomputed (the kernels overwrote it with E)
+            slots, kk, hh = bad.any(-1).nonzero(as_tuple=True)
+            for lo in range(0, slots.numel(), self._EXACT_BLOCKS):
+                s, k, h = (i[lo:lo + self._EXACT_BLOCKS] for i in (slots, kk, hh))
+                q, kslot = (torch.full_like(s, x), s) if new_is_query else (s, torch.full_like(s, x))
+                S = torch.matmul(self.a[q, k, h], self.bT[kslot, k, h])  # (B, n, n)
+                rows = bad[s, k, h]  # (B, n)
+                b, j = rows.nonzero(as_tuple=True)
+                self.E[q[b], kslot[b], k[b], h[b], j] = S[b, j] - mx[s[b], k[b], h[b], j, None]
 
     # -- prediction ---------------------------------------------------------------------------
     @torch.inference_mode()
     def predict(self, pos: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """Logits for every head of the group; ``pos[s]`` = window position of slot s.
 
-        Returns None when the prediction must be recomputed by the reference forward
-        (a block whose ``rho`` exceeds :data:`RANGE_LIMIT`, or a non-finite result).
+        Returns None when the result is not finite (non-finite tokens or weights): the caller
+        then runs the reference forward.
         """
         K, H, T, n = self.K, self.H, self.T, self.n
-        ar = torch.arange(T, device=self.device)
-        if bool((self.rho[:, :, pos, ar] > RANGE_LIMIT).any()):
-            return None
-        # per (G, F) block quantities at the current positions (G: query slot, F: key slot)
-        beta = self.beta[:, :, pos].transpose(2, 3)  # (K, H, G, F, n): beta^G[P_F]
-        kappa = self.kappa[:, :, pos][:, :, :, pos]  # (K, H, G, F): kappa[P_G, P_F]
-        M = self.M[:, :, pos, ar]  # (K, H, G, F, n): M^{GF}[P_G]
-        mu = self.mu[:, :, pos]  # (K, H, G, F): mu^F[P_G]
-        U = self.U[:, :, pos]  # (K, H, G, F, n): U^F[:, P_G]
-        base = beta + kappa[..., None]  # (K, H, G, F, n)
-        cls_key = self.delta + self.cls_key_pos[:, :, pos][..., None]  # (K, H, G, n): s_{j,g}
-        logz = torch.logaddexp(torch.logsumexp(base + M, dim=3), cls_key)  # (K, H, G, n)
-        base.add_(self.m).add_(mu[..., None]).sub_(logz[:, :, :, None])
-        # r' goes straight into the layout of E ([k, G, h, F]); then the one pass over every
-        # stored block: a batched GEMV, (1 x n) @ (n x n) per block, memory-bound
-        torch.exp(base, out=self.r_buf.transpose(1, 2))  # r' (K, H, G, F, n), stored [k, G, h, F]
-        torch.bmm(self.r_buf.view(-1, 1, n), self.E.view(-1, n, n), out=self.w_buf.view(-1, 1, n))
-        w = self.w_buf.transpose(1, 2)  # (K, H, G, F, l)
-        col = (w * U).sum(2)  # (K, H, F, n): column weights of the frame keys
-        wg = torch.exp(cls_key - logz).sum((2, 3))  # (K, H): CLS key column
+        # per (G, F) block quantities at the current positions, all (G, F, K, H[, n]), into
+        # preallocated buffers (fresh multi-MB temporaries cost page faults every prediction)
+        big, M, U, t = self.big_buf, self.M_buf, self.U_buf, self.t_buf
+        torch.index_select(self.beta, 1, pos, out=big)  # beta^G[P_F]
+        torch.index_select(self.M.view(T * T, T, K, H, n), 0, self._ar_T + pos, out=M)  # M^{GF}[P_G]
+        torch.index_select(self.U, 0, pos, out=U)  # U^F[:, P_G]
+        kappa = self.kappa[:, :, pos][:, :, :, pos].permute(2, 3, 0, 1)  # kappa[P_G, P_F]
+        mu = self.mu[pos]  # mu^F[P_G]
+        exact = self.exact.nonzero(as_tuple=True) if bool(self.exact.any()) else None
+        if exact is not None:  # their normaliser terms, in the log domain
+            M[exact] = self._exact_lse(exact, pos)
+        # Row j of block (G, F) adds exp(big + M) to Z_j; big holds the large terms.  log Z_j
+        # is kept as ref + small and never added up: ref is one of the row's big values (or
+        # the CLS key's score), so big - ref is exact for the terms that matter and every later
+        # step handles moderate numbers.  Summing the large terms first would cost ulp(|s|) in
+        # every weight, a few percent at logits of 1e4 (a plain softmax loses none: s - max(s)).
+        big.add_(kappa[..., None]).add_(self.m).add_(mu[..., None])
+        cls_key = self.delta + self.cls_key_pos[pos][..., None]  # (G, K, H, n): s_{j,g}
+        ref = torch.maximum(big.amax(1), cls_key)  # (G, K, H, n)
+        big.sub_(ref[:, None])
+        cls_key = cls_key - ref
+        torch.add(big, M, out=t)
+        top = torch.maximum(t.amax(1), cls_key)  # the row's largest term, less ref
+        t.sub_(top[:, None]).exp_()
+        small = torch.log(t.sum(1).add_(torch.exp(cls_key - top))).add_(top)  # log Z_j - ref
+        log_r = big.sub_(small[:, None])  # log r' (G, F, K, H, n)
+        torch.exp(log_r, out=self.r_buf)
+        if exact is not None:
+            log_r_exact = log_r[exact]
+            self.r_buf[exact] = 0.0  # their E rows hold S - m: kept out of the GEMV
+        self.kernels.gemv()  # w = r' E, block by block: the one pass over the cache
+        col = torch.mul(self.w_buf, U, out=t).sum(0)  # (F, K, H, n): column weights of the frame keys
+        if exact is not None:
+            self._exact_columns(exact, pos, log_r_exact, col)
+        wg = torch.exp(cls_key - small).sum((0, 3))  # (K, H): CLS key column
         # the CLS query's own row, directly
-        sg = self.eps + self.cls_query_pos[:, :, pos][..., None]  # (K, H, F, n)
-        row = torch.cat([sg.reshape(K, H, T * n), self.s_gg[..., None]], dim=-1).softmax(-1)
-        col = col + row[..., :-1].reshape(K, H, T, n)
+        sg = self.eps + self.cls_query_pos[pos][..., None]  # (F, K, H, n)
+        row = torch.cat([sg.permute(1, 2, 0, 3).reshape(K, H, T * n), self.s_gg[..., None]], dim=-1).softmax(-1)
+        col = col + row[..., :-1].reshape(K, H, T, n).permute(2, 0, 1, 3)
         wg = wg + row[..., -1]
-        out = torch.einsum("khfl,khfld->khd", col, self.u)
-        out = out + torch.einsum("khf,khfd->khd", col.sum(-1), self.cv[:, :, pos])
+        out = torch.einsum("fkhl,fkhld->khd", col, self.u)
+        out = out + torch.einsum("fkh,khfd->khd", col.sum(-1), self.cv[:, :, pos])
         out = (out + wg[..., None] * self.vg) / (1 + T * n)
         pooled = torch.baddbmm(self.proj_b[:, None], out.reshape(K, 1, self.D), self.proj_w.transpose(1, 2))[:, 0]
         if not bool(torch.isfinite(pooled).all()):
             return None
         return {task: head.classifier(pooled[k]) for k, (task, head) in enumerate(zip(self.tasks, self.heads))}
+
+    # exact rows: ``x_l = (S_jl - m_j) + (gamma_l[P_G] - mu[P_G])``, the row's logits less the
+    # block's stabilisers, taken through exp only after the row's own max is subtracted
+    _EXACT_CHUNK = 4096  # exact rows per pass at prediction (CHUNK n floats)
+    _EXACT_BLOCKS = 64  # blocks recomputed per batch when new blocks have exact rows
+
+    def _exact_x(self, exact: tuple[torch.Tensor, ...], pos: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        gg, ff, kk, hh, jj = (i[lo:hi] for i in exact)
+        return self.E[gg, ff, kk, hh, jj] + self.logU[pos[gg], ff, kk, hh]
+
+    def _exact_lse(self, exact: tuple[torch.Tensor, ...], pos: torch.Tensor) -> torch.Tensor:
+        """``log sum_l exp(x_l)`` of every exact row: its ``M`` at the current position."""
+        count = exact[0].numel()
+        return torch.cat([torch.logsumexp(self._exact_x(exact, pos, lo, min(count, lo + self._EXACT_CHUNK)), -1)
+                          for lo in range(0, count, self._EXACT_CHUNK)])
+
+    def _exact_columns(self, exact: tuple[torch.Tensor, ...], pos: torch.Tensor, log_r: torch.Tensor,
+                       col: torch.Tensor) -> None:
+        """Add the exact rows' attention weights ``exp(x_l + log r')`` to the key columns."""
+        _, ff, kk, hh, _ = exact
+        target = (ff * self.K + kk) * self.H + hh  # row of col.view(-1, n)
+        flat = col.view(-1, col.shape[-1])
+        count = ff.numel()
+        for lo in range(0, count, self._EXACT_CHUNK):
+            hi = min(count, lo + self._EXACT_CHUNK)
+            x = self._exact_x(exact, pos, lo, hi).add_(log_r[lo:hi, None]).exp_()
+            flat.index_add_(0, target[lo:hi], x)
 
     def flops_per_frame(self, n: int) -> float:
         """Multiply-adds x 2 per new frame (steady state), for the benchmark's GFLOP column."""
@@ -378,17 +443,19 @@ class FastStepRunner:
     every other head runs its normal forward on the window.  Caches are keyed by frame id and
     hold at most ``T`` frames (the oldest is evicted when a frame arrives into a full cache).
 
-    ``tile``: frames whose new blocks are made in one batch of calls in :meth:`add_frame`
-    (default :data:`DEFAULT_TILE`: all of them; scratch ``tile n^2`` floats, 4 MB for ViT-S).
-    Same numbers for every value; a smaller tile only saves scratch memory.
+    ``kernels``: who runs the block creation and the pass over the blocks
+    (:mod:`~step_ros.model.fast_kernels`): ``onnxruntime`` (MLAS, CPU), ``torch`` (any device) or
+    ``auto`` (ONNX Runtime on the CPU when installed, for frames of at least
+    :data:`~step_ros.model.fast_kernels.AUTO_MIN_TOKENS` tokens).  Same numbers either way.
 
     Weights are read at construction: after changing a head's weights call :meth:`refresh`.
-    Counters: ``fallbacks`` (fast-path predictions recomputed by the reference forward for
-    numerical safety), ``reference_predictions`` (predictions on incomplete windows, which
-    use the reference forward by design).
+    Counters: ``fallbacks`` (fast-path predictions recomputed by the reference forward because
+    a value was not finite), ``reference_predictions`` (predictions on incomplete windows, which
+    use the reference forward by design); ``exact_rows``: cached block rows taken through the
+    log domain (module docstring, "Numerical safety").
     """
 
-    def __init__(self, model: Any, frames: int | None = None, tile: int | None = None) -> None:
+    def __init__(self, model: Any, frames: int | None = None, kernels: str = "auto") -> None:
         heads = getattr(model, "heads", model)
         if not isinstance(heads, Mapping) and not isinstance(heads, nn.ModuleDict):
             raise TypeError("FastStepRunner needs a MultiTaskModel or a mapping {task: head}")
@@ -409,7 +476,7 @@ class FastStepRunner:
                 self.slow_tasks[task] = why
                 if isinstance(head, StepHead):
                     log.info("fast STEP engine: head %r uses the reference forward: %s", task, why)
-        self.groups = [_StepGroup(ts, [self.heads[t] for t in ts], self.frames, tile) for ts in groups.values()]
+        self.groups = [_StepGroup(ts, [self.heads[t] for t in ts], self.frames, kernels) for ts in groups.values()]
         self.fallbacks = 0
         self.reference_predictions = 0
         self.fallback_reasons: Counter = Counter()
@@ -428,6 +495,17 @@ class FastStepRunner:
         self.reset()
         for g in self.groups:
             g.refresh()
+
+    @property
+    def exact_rows(self) -> int:
+        """Rows of the cached blocks now computed in the log domain (see "Numerical safety")."""
+        return sum(int(g.exact.sum()) for g in self.groups if g.n is not None)
+
+    @property
+    def kernels(self) -> str:
+        """``torch`` or ``onnxruntime`` (``auto`` resolved; final once a frame set the token
+        count); ``none`` without fast heads."""
+        return self.groups[0].kernels_name if self.groups else "none"
 
     @property
     def fast_tasks(self) -> list[str]:
@@ -449,7 +527,7 @@ class FastStepRunner:
         filled = sorted(self._slot_of.values())
         for g in self.groups:
             patches = tokens[1:].detach().to(device=g.device, dtype=torch.float32)
-            g.add_frame(slot, filled, pool_patch_grid(patches, g.pool))
+            g.add_frame(slot, pool_patch_grid(patches, g.pool), filled)
 
     @torch.inference_mode()
     def predict(self, window: torch.Tensor, frame_ids: Iterable[int] | np.ndarray) -> dict[str, torch.Tensor]:
@@ -468,9 +546,9 @@ class FastStepRunner:
                 res = g.predict(torch.from_numpy(slots).to(g.device))
                 if res is None:
                     self.fallbacks += 1
-                    self.fallback_reasons["numerics"] += 1
-                    self._log_once("numerics", "fast STEP engine: extreme logits, prediction recomputed "
-                                   "with the reference forward (counted in .fallbacks)")
+                    self.fallback_reasons["non-finite"] += 1
+                    self._log_once("non-finite", "fast STEP engine: non-finite values (tokens or weights), "
+                                   "prediction recomputed with the reference forward (counted in .fallbacks)")
                     res = {t: self.heads[t](batch)[0] for t in g.tasks}
                 out.update(res)
         elif self.groups:

@@ -175,6 +175,9 @@ _PARAMETERS: list[tuple[str, Any, str, dict[str, Any]]] = [
                                    "if a cached one matches", {}),
     ("head_runner", "fast", "how heads run on the window: fast (exact incremental STEP engine) | reference "
                             "(plain forward)", {}),
+    ("head_kernels", "auto", "who runs the fast engine's block kernels: onnxruntime (MLAS, CPU) | torch (any "
+                             "device) | auto (onnxruntime for heads on the CPU when installed and a frame has >= 128 "
+                             "tokens); same numbers", {}),
     ("sampling", "auto", "how camera frames are sampled into the window: time (by header stamps, every "
                          "sample_period_s of the manifest, the frame nearest each sample time) | frames (every "
                          "frame_interval-th frame) | auto (time when the manifest has sample_period_s and "
@@ -308,7 +311,8 @@ class HumanActionNode(Node):
                 if given is not None and given.type_ == Parameter.Type.INTEGER:
                     overrides[name] = Parameter(name, Parameter.Type.DOUBLE, float(given.value))
             values[name] = self.declare_parameter(name, default, desc).value
-        choices = {"backend": None, "head_runner": ("fast", "reference"), "input": ("raw", "compressed"),
+        choices = {"backend": None, "head_runner": ("fast", "reference"),
+                   "head_kernels": ("auto", "torch", "onnxruntime"), "input": ("raw", "compressed"),
                    "qos_reliability": ("best_effort", "reliable")}
         for name, allowed in choices.items():
             values[name] = str(values[name]).strip().lower()
@@ -359,7 +363,7 @@ class HumanActionNode(Node):
             try:
                 from step_ros.model.fast_step import FastStepRunner
 
-                runner = FastStepRunner(model)
+                runner = FastStepRunner(model, kernels=p["head_kernels"])
                 self.runner_name = "fast"
             except Exception as exc:  # noqa: BLE001 - the reference runner gives the same numbers
                 self.get_logger().warning(f"head_runner 'fast' unavailable ({type(exc).__name__}: {exc}); "
@@ -379,6 +383,16 @@ class HumanActionNode(Node):
                                            stable_count=p["stable_count"], top_k=p["top_k"])
         self.get_logger().info(f"model loaded in {time.perf_counter() - started:.1f} s; backbone: "
                                f"{model.backbone.source}")
+
+    def _fast_engine_counters(self) -> list[tuple[str, str]]:
+        """The exact engine's own counters: predictions it handed to the reference forward
+        (non-finite values) and block rows it keeps in the log domain (sharp attention)."""
+        runner = self.engine.runner
+        if not hasattr(runner, "exact_rows"):
+            return []
+        return [("head kernels", runner.kernels),
+                ("fast engine fallbacks (non-finite)", str(runner.fallbacks)),
+                ("fast engine exact rows", str(runner.exact_rows))]
 
     def _heads_device(self) -> Any:
         from step_ros.model.device import DeviceError, resolve_device
@@ -700,6 +714,7 @@ class HumanActionNode(Node):
             ("backbone", str(self.model.backbone.source)),
             ("backend", f"{self.backend_name}{' (' + self.backend_info + ')' if self.backend_info else ''}"),
             ("head runner", self.runner_name),
+            *self._fast_engine_counters(),
             ("heads device", str(self.heads_device)),
             ("sampling", (f"time: every {self.engine.sample_period_s:.4f} s" if self.engine.sample_period_s
                           else f"frames: every {self.engine.frame_interval}")),

@@ -1,0 +1,263 @@
+"""The two heavy kernels of the exact streaming STEP engine (:mod:`.fast_step`), in PyTorch or
+in ONNX Runtime.
+
+* ``project(patches)``, per new frame: the content part of every head's qkv projection.
+* ``create(x)``, per new frame in slot ``x``: for every STEP head and attention head, the
+  ``2T - 1`` new content blocks ``S = a b^T`` (row blocks ``(x, F)``, column blocks ``(G, x)``),
+  their row maxima ``m``, ``E = exp(S - m)`` written in place into the block cache,
+  ``log(E @ U)`` for every window position and its minimum over the positions.
+* ``gemv()``, per prediction: the one pass over every stored block, ``w = r' E``.
+
+Both read and write the :class:`~step_ros.model.fast_step._StepGroup`'s own buffers, so the
+two implementations are interchangeable and give the same numbers to float32 rounding.
+PyTorch runs anywhere (CPU and CUDA).  ONNX Runtime (CPU only) runs the same arithmetic
+through MLAS, whose GEMM and GEMV are about twice as fast as PyTorch's MKL here: its graphs
+have fixed shapes, read the group's tensors in place and write straight into the block cache
+(I/O binding, no copies).  ``step-ros bench`` measures one against the other.
+
+Both work one frame slot at a time (``n x n`` blocks of all heads at once), so their scratch
+memory is a few blocks, not a copy of the cache.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import sys
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .fast_step import _StepGroup
+
+KERNELS = ("auto", "torch", "onnxruntime")
+
+
+#: ``auto`` picks ONNX Runtime from this many (pooled) tokens per frame.  Measured with three
+#: 6-head ViT-S-width heads, T = 16, 2 threads: PyTorch 12.8 vs ONNX Runtime 14.5 ms per frame
+#: at 64 tokens, even at 100, ONNX Runtime 80 vs PyTorch 111 at 256 (ViT-S/14 at 224); the
+#: demo model (16 tokens) 1.5 vs 2.0.  Below it ONNX Runtime's per-call overhead dominates.
+AUTO_MIN_TOKENS = 128
+
+
+def resolve_kernels(kernels: str, device: torch.device, tokens: int | None = None) -> str:
+    """``auto``: ONNX Runtime for heads on the CPU when it is installed and a frame has at least
+    :data:`AUTO_MIN_TOKENS` tokens (``tokens`` None: not known yet, assume many), else PyTorch."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
+    if kernels == "onnxruntime" and device.type != "cpu":
+        raise ValueError(f"kernels='onnxruntime' runs on the CPU; the heads are on {device}")
+    if kernels == "auto":
+        if device.type != "cpu" or (tokens is not None and tokens < AUTO_MIN_TOKENS):
+            return "torch"
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "onnxruntime"
+    return kernels
+
+
+def host_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros; on a Linux CPU in transparent huge pages where the kernel allows it (``madvise``
+    mode): the block cache is read end to end every prediction, and 2 MiB pages spare the TLB
+    (measured: the pass over the blocks ~7 % faster)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or not sys.platform.startswith("linux") or nbytes < (64 << 20):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zero-filled
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):  # no THP on this kernel: ordinary pages
+        pass
+    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps buf alive
+
+
+class TorchKernels:
+    """The kernels as PyTorch calls (any device)."""
+
+    name = "torch"
+
+    def __init__(self, group: _StepGroup) -> None:
+        self.g = group
+
+    def project(self, patches: torch.Tensor) -> torch.Tensor:
+        g = self.g
+        return torch.matmul(patches, g.Wt, out=g.qkv)
+
+    def create(self, x: int) -> None:
+        g = self.g
+        T, KH, n, d = g.T, g.K * g.H, g.n, g.d
+        a, bT, E, Ut = g.a.view(T, KH, n, d), g.bT.view(T, KH, d, n), g.E.view(T, T, KH, n, n), g.Ut.view(T, KH, n, T)
+        mr, eur, minr = g.mr.view(T, KH, n), g.eur.view(T, KH, n, T), g.minr.view(T, KH, n)
+        mc, euc, minc = g.mc.view(T, KH, n), g.euc.view(T, KH, n, T), g.minc.view(T, KH, n)
+        row = E[x]  # (F, KH, n, n): blocks (x, F), contiguous
+        torch.matmul(a[x], bT, out=row)
+        torch.amax(row, -1, out=mr)
+        row.sub_(mr[..., None]).exp_()
+        torch.matmul(row, Ut, out=eur).log_()
+        torch.amin(eur, -1, out=minr)
+        for G in range(T):  # column blocks (G, x): one contiguous (KH, n, n) each
+            col = E[G, x]
+            torch.matmul(a[G], bT[x], out=col)
+            torch.amax(col, -1, out=mc[G])
+            col.sub_(mc[G][..., None]).exp_()
+            torch.matmul(col, Ut[x], out=euc[G]).log_()
+        torch.amin(euc, -1, out=minc)
+
+    def gemv(self) -> None:
+        g = self.g
+        n = g.n
+        torch.bmm(g.r_buf.view(-1, 1, n), g.E.view(-1, n, n), out=g.w_buf.view(-1, 1, n))
+
+
+class OnnxRuntimeKernels:
+    """The kernels as two fixed-shape ONNX graphs run by ONNX Runtime on the group's own CPU
+    tensors (I/O binding: inputs read in place, outputs written into the block cache)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, group: _StepGroup, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.g = group
+        self.ort = ort
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.create_session = ort.InferenceSession(self._create_graph().SerializeToString(), opts,
+                                                   providers=["CPUExecutionProvider"])
+        self.project_session = ort.InferenceSession(self._project_graph().SerializeToString(), opts,
+                                                    providers=["CPUExecutionProvider"])
+        self.gemv_session = ort.InferenceSession(self._gemv_graph().SerializeToString(), opts,
+                                                 providers=["CPUExecutionProvider"])
+        self._create_bindings = [self._bind_create(x) for x in range(group.T)]
+        self._gemv_binding = self._bind_gemv()
+
+    # -- graphs -------------------------------------------------------------------------------
+    def _create_graph(self) -> Any:
+        """Per slot s: row block (x, s) from ``a_x`` and ``bT_s``, column block (s, x) from
+        ``a_s`` and ``bT_x``; each MatMul -> ReduceMax -> Sub -> Exp -> MatMul(U) -> Log ->
+        ReduceMin.  One small graph per slot keeps ONNX Runtime's intermediates at a few blocks."""
+        from onnx import TensorProto, helper
+
+        g = self.g
+        T, KH, n, d = g.T, g.K * g.H, g.n, g.d
+        nodes, outputs = [], []
+        inputs = [("a_x", [KH, n, d]), ("bT_x", [KH, d, n]), ("Ut_x", [KH, n, T])]
+        for s in range(T):
+            inputs += [(f"a_{s}", [KH, n, d]), (f"bT_{s}", [KH, d, n]), (f"Ut_{s}", [KH, n, T])]
+            for kind, (q, k, u) in {"row": ("a_x", f"bT_{s}", f"Ut_{s}"), "col": (f"a_{s}", "bT_x", "Ut_x")}.items():
+                p = f"{kind}_{s}"
+                nodes += [
+                    helper.make_node("MatMul", [q, k], [f"{p}_S"]),
+                    helper.make_node("ReduceMax", [f"{p}_S"], [f"{p}_m"], axes=[-1], keepdims=1),
+                    helper.make_node("Sub", [f"{p}_S", f"{p}_m"], [f"{p}_D"]),
+                    helper.make_node("Exp", [f"{p}_D"], [f"{p}_E"]),
+                    helper.make_node("MatMul", [f"{p}_E", u], [f"{p}_EU0"]),
+                    helper.make_node("Log", [f"{p}_EU0"], [f"{p}_EU"]),
+                    helper.make_node("ReduceMin", [f"{p}_EU"], [f"{p}_min"], axes=[-1], keepdims=1),
+                ]
+                outputs += [f"{p}_E", f"{p}_m", f"{p}_EU", f"{p}_min"]
+        graph = helper.make_graph(
+            nodes, "step_blocks",
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs],
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs])
+        return self._model(graph)
+
+    def _project_graph(self) -> Any:
+        from onnx import TensorProto, helper
+
+        g = self.g
+        K, n, D = g.K, g.n, g.D
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["patches", "Wt"], ["qkv"])], "step_project",
+            [helper.make_tensor_value_info("patches", TensorProto.FLOAT, [n, D]),
+             helper.make_tensor_value_info("Wt", TensorProto.FLOAT, [K, D, 3 * D])],
+            [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [K, n, 3 * D])])
+        return self._model(graph)
+
+    def _gemv_graph(self) -> Any:
+        from onnx import TensorProto, helper
+
+        g = self.g
+        blocks, n = g.T * g.T * g.K * g.H, g.n
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["r", "E"], ["w"])], "step_gemv",
+            [helper.make_tensor_value_info("r", TensorProto.FLOAT, [blocks, 1, n]),
+             helper.make_tensor_value_info("E", TensorProto.FLOAT, [blocks, n, n])],
+            [helper.make_tensor_value_info("w", TensorProto.FLOAT, [blocks, 1, n])])
+        return self._model(graph)
+
+    @staticmethod
+    def _model(graph: Any) -> Any:
+        from onnx import helper
+
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        return model
+
+    # -- bindings (fixed buffers: made once per slot) ---------------------------------------
+    @staticmethod
+    def _bind(binding: Any, name: str, tensor: torch.Tensor, output: bool = False) -> None:
+        if not tensor.is_contiguous():
+            raise RuntimeError(f"fast STEP kernels: {name} is not contiguous")
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, "cpu", 0, np.float32, list(tensor.shape), tensor.data_ptr())
+
+    def _bind_create(self, x: int) -> Any:
+        g = self.g
+        T, KH, n, d = g.T, g.K * g.H, g.n, g.d
+        a, bT, E, Ut = g.a.view(T, KH, n, d), g.bT.view(T, KH, d, n), g.E.view(T, T, KH, n, n), g.Ut.view(T, KH, n, T)
+        mr, eur, minr = g.mr.view(T, KH, n, 1), g.eur.view(T, KH, n, T), g.minr.view(T, KH, n, 1)
+        mc, euc, minc = g.mc.view(T, KH, n, 1), g.euc.view(T, KH, n, T), g.minc.view(T, KH, n, 1)
+        b = self.create_session.io_binding()
+        self._bind(b, "a_x", a[x])
+        self._bind(b, "bT_x", bT[x])
+        self._bind(b, "Ut_x", Ut[x])
+        for s in range(T):
+            self._bind(b, f"a_{s}", a[s])
+            self._bind(b, f"bT_{s}", bT[s])
+            self._bind(b, f"Ut_{s}", Ut[s])
+            for name, t in ((f"row_{s}_E", E[x, s]), (f"row_{s}_m", mr[s]), (f"row_{s}_EU", eur[s]),
+                            (f"row_{s}_min", minr[s]), (f"col_{s}_E", E[s, x]), (f"col_{s}_m", mc[s]),
+                            (f"col_{s}_EU", euc[s]), (f"col_{s}_min", minc[s])):
+                self._bind(b, name, t, output=True)
+        return b
+
+    def _bind_gemv(self) -> Any:
+        g = self.g
+        n = g.n
+        b = self.gemv_session.io_binding()
+        self._bind(b, "r", g.r_buf.view(-1, 1, n))
+        self._bind(b, "E", g.E.view(-1, n, n))
+        self._bind(b, "w", g.w_buf.view(-1, 1, n), output=True)
+        return b
+
+    # -- kernels ------------------------------------------------------------------------------
+    def project(self, patches: torch.Tensor) -> torch.Tensor:
+        g = self.g
+        b = self.project_session.io_binding()
+        self._bind(b, "patches", patches)
+        self._bind(b, "Wt", g.Wt)  # rebound every call: refresh() may have replaced it
+        self._bind(b, "qkv", g.qkv, output=True)
+        self.project_session.run_with_iobinding(b)
+        return g.qkv
+
+    def create(self, x: int) -> None:
+        self.create_session.run_with_iobinding(self._create_bindings[x])
+
+    def gemv(self) -> None:
+        self.gemv_session.run_with_iobinding(self._gemv_binding)
+
+
+def make_kernels(kernels: str, group: _StepGroup) -> TorchKernels | OnnxRuntimeKernels:
+    return OnnxRuntimeKernels(group) if kernels == "onnxruntime" else TorchKernels(group)
+
+
+__all__ = ["AUTO_MIN_TOKENS", "KERNELS", "OnnxRuntimeKernels", "TorchKernels", "host_zeros", "make_kernels", "resolve_kernels"]

@@ -225,13 +225,17 @@ class StepHead(nn.Module):
         if t != self.frames:
             raise ValueError(f"head expects {self.frames} frames, windows have {t}")
         attn = self.attn
-        rows = attn.qkv(x)[index]  # (P, T, m, 3D): each frame projected once, gathered per window
+        cls = 1 if self.global_cls is not None else 0
+        rows = x.new_empty(p, cls + t * m, 3 * d)  # written once: no concatenation pass
+        if cls:
+            rows[:, 0] = attn.qkv(self.global_cls).reshape(3 * d)
+        frames_part = rows[:, cls:].view(p, t, m, 3 * d)
+        gathered = attn.qkv(x)[index]  # (P, T, m, 3D): each frame projected once, gathered per window
         pe = self.positional()
-        if pe is not None:
-            rows = rows + F.linear(pe, attn.qkv.weight)  # (T, 1 or m, 3D): the positions' share
-        rows = rows.reshape(p, t * m, 3 * d)
-        if self.global_cls is not None:
-            rows = torch.cat([attn.qkv(self.global_cls).expand(p, -1, -1), rows], dim=1)
+        if pe is not None:  # (T, 1 or m, 3D): the positions' share, added on the way into rows
+            torch.add(gathered, F.linear(pe, attn.qkv.weight), out=frames_part)
+        else:
+            frames_part.copy_(gathered)
         h = attn.num_heads
         qkv = rows.reshape(p, -1, 3, h, d // h).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (P, H, N, d / H), one fused kernel

@@ -6,7 +6,8 @@ in ONNX Runtime.
   ``2T - 1`` new content blocks ``S = a b^T`` (row blocks ``(x, F)``, column blocks ``(G, x)``),
   their row maxima ``m``, ``E = exp(S - m)`` written in place into the block cache,
   ``log(E @ U)`` for every window position and its minimum over the positions.
-* ``gemv()``, per prediction: the one pass over every stored block, ``w = r' E``.
+* ``columns()``, per prediction: the one pass over every stored block, ``w = r' E``, and the
+  key columns' weights ``sum_G U * w``.
 
 Both read and write the :class:`~step_ros.model.fast_step._StepGroup`'s own buffers, so the
 two implementations are interchangeable and give the same numbers to float32 rounding.
@@ -107,10 +108,11 @@ class TorchKernels:
             torch.matmul(col, Ut[x], out=euc[G]).log_()
         torch.amin(euc, -1, out=minc)
 
-    def gemv(self) -> None:
+    def columns(self) -> torch.Tensor:
         g = self.g
         n = g.n
         torch.bmm(g.r_buf.view(-1, 1, n), g.E.view(-1, n, n), out=g.w_buf.view(-1, 1, n))
+        return torch.sum(torch.mul(g.w_buf, g.U_buf, out=g.w_buf), 0, out=g.col_buf)
 
 
 class OnnxRuntimeKernels:
@@ -186,12 +188,22 @@ class OnnxRuntimeKernels:
         from onnx import TensorProto, helper
 
         g = self.g
-        blocks, n = g.T * g.T * g.K * g.H, g.n
+        T, blocks, n = g.T, g.T * g.T * g.K * g.H, g.n
+        row = blocks // T * n  # one query slot's share of w, flattened
+        nodes = [
+            helper.make_node("MatMul", ["r", "E"], ["w"]),
+            helper.make_node("Reshape", ["w", "w_shape"], ["w_g"]),
+            helper.make_node("Mul", ["w_g", "U"], ["wu"]),
+            helper.make_node("ReduceSum", ["wu", "axis0"], ["col"], keepdims=0),
+        ]
+        consts = [helper.make_tensor("w_shape", TensorProto.INT64, [2], [T, row]),
+                  helper.make_tensor("axis0", TensorProto.INT64, [1], [0])]
         graph = helper.make_graph(
-            [helper.make_node("MatMul", ["r", "E"], ["w"])], "step_gemv",
+            nodes, "step_columns",
             [helper.make_tensor_value_info("r", TensorProto.FLOAT, [blocks, 1, n]),
-             helper.make_tensor_value_info("E", TensorProto.FLOAT, [blocks, n, n])],
-            [helper.make_tensor_value_info("w", TensorProto.FLOAT, [blocks, 1, n])])
+             helper.make_tensor_value_info("E", TensorProto.FLOAT, [blocks, n, n]),
+             helper.make_tensor_value_info("U", TensorProto.FLOAT, [T, row])],
+            [helper.make_tensor_value_info("col", TensorProto.FLOAT, [row])], initializer=consts)
         return self._model(graph)
 
     @staticmethod
@@ -236,7 +248,8 @@ class OnnxRuntimeKernels:
         b = self.gemv_session.io_binding()
         self._bind(b, "r", g.r_buf.view(-1, 1, n))
         self._bind(b, "E", g.E.view(-1, n, n))
-        self._bind(b, "w", g.w_buf.view(-1, 1, n), output=True)
+        self._bind(b, "U", g.U_buf.view(g.T, -1))
+        self._bind(b, "col", g.col_buf.view(-1), output=True)
         return b
 
     # -- kernels ------------------------------------------------------------------------------
@@ -252,8 +265,9 @@ class OnnxRuntimeKernels:
     def create(self, x: int) -> None:
         self.create_session.run_with_iobinding(self._create_bindings[x])
 
-    def gemv(self) -> None:
+    def columns(self) -> torch.Tensor:
         self.gemv_session.run_with_iobinding(self._gemv_binding)
+        return self.g.col_buf
 
 
 def make_kernels(kernels: str, group: _StepGroup) -> TorchKernels | OnnxRuntimeKernels:

@@ -256,6 +256,7 @@ class _StepGroup:
             "minc": ((T, K, H, n), f32),
             "r_buf": ((T, T, K, H, n), f32),  # per prediction: r' and the GEMV result, E's order
             "w_buf": ((T, T, K, H, n), f32),
+            "col_buf": ((T, K, H, n), f32),  # the frame keys' column weights
             "big_buf": ((T, T, K, H, n), f32),  # per prediction: gathered per-block terms
             "M_buf": ((T, T, K, H, n), f32),
             "U_buf": ((T, T, K, H, n), f32),
@@ -379,8 +380,7 @@ class _StepGroup:
         if exact is not None:
             log_r_exact = log_r[exact]
             self.r_buf[exact] = 0.0  # their E rows hold S - m: kept out of the GEMV
-        self.kernels.gemv()  # w = r' E, block by block: the one pass over the cache
-        col = torch.mul(self.w_buf, U, out=t).sum(0)  # (F, K, H, n): column weights of the frame keys
+        col = self.kernels.columns()  # (F, K, H, n): sum_G U * (r' E), the one pass over the cache
         if exact is not None:
             self._exact_columns(exact, pos, log_r_exact, col)
         wg = torch.exp(cls_key - small).sum((0, 3))  # (K, H): CLS key column

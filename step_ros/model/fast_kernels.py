@@ -5,7 +5,7 @@ in ONNX Runtime.
 * ``create(x)``, per new frame in slot ``x``: for every STEP head and attention head, the
   ``2T - 1`` new content blocks ``S = a b^T`` (row blocks ``(x, F)``, column blocks ``(G, x)``),
   their row maxima ``m``, ``E = exp(S - m)`` written in place into the block cache,
-  ``log(E @ U)`` for every window position and its minimum over the positions.
+  ``M = log(E @ U)`` for every window position (also in place) and its minimum over them.
 * ``columns()``, per prediction: the one pass over every stored block, ``w = r' E``, and the
   key columns' weights ``sum_G U * w``.
 
@@ -83,6 +83,7 @@ class TorchKernels:
 
     def __init__(self, group: _StepGroup) -> None:
         self.g = group
+        self.eu = torch.empty(group.T, group.K * group.H, group.n, group.T, device=group.device)  # scratch
 
     def project(self, patches: torch.Tensor) -> torch.Tensor:
         g = self.g
@@ -92,21 +93,24 @@ class TorchKernels:
         g = self.g
         T, KH, n, d = g.T, g.K * g.H, g.n, g.d
         a, bT, E, Ut = g.a.view(T, KH, n, d), g.bT.view(T, KH, d, n), g.E.view(T, T, KH, n, n), g.Ut.view(T, KH, n, T)
-        mr, eur, minr = g.mr.view(T, KH, n), g.eur.view(T, KH, n, T), g.minr.view(T, KH, n)
-        mc, euc, minc = g.mc.view(T, KH, n), g.euc.view(T, KH, n, T), g.minc.view(T, KH, n)
+        M = g.M.view(T, T, T, KH, n)
+        mr, minr = g.mr.view(T, KH, n), g.minr.view(T, KH, n)
+        mc, minc = g.mc.view(T, KH, n), g.minc.view(T, KH, n)
         row = E[x]  # (F, KH, n, n): blocks (x, F), contiguous
         torch.matmul(a[x], bT, out=row)
         torch.amax(row, -1, out=mr)
         row.sub_(mr[..., None]).exp_()
-        torch.matmul(row, Ut, out=eur).log_()
-        torch.amin(eur, -1, out=minr)
+        torch.matmul(row, Ut, out=self.eu).log_()  # (F, KH, n, P)
+        torch.amin(self.eu, -1, out=minr)
+        M[x] = self.eu.permute(0, 3, 1, 2)
         for G in range(T):  # column blocks (G, x): one contiguous (KH, n, n) each
             col = E[G, x]
             torch.matmul(a[G], bT[x], out=col)
             torch.amax(col, -1, out=mc[G])
             col.sub_(mc[G][..., None]).exp_()
-            torch.matmul(col, Ut[x], out=euc[G]).log_()
-        torch.amin(euc, -1, out=minc)
+            torch.matmul(col, Ut[x], out=self.eu[G]).log_()
+        torch.amin(self.eu, -1, out=minc)
+        M[:, x] = self.eu.permute(0, 3, 1, 2)
 
     def columns(self) -> torch.Tensor:
         g = self.g
@@ -145,7 +149,8 @@ class OnnxRuntimeKernels:
     def _create_graph(self) -> Any:
         """Per slot s: row block (x, s) from ``a_x`` and ``bT_s``, column block (s, x) from
         ``a_s`` and ``bT_x``; each MatMul -> ReduceMax -> Sub -> Exp -> MatMul(U) -> Log ->
-        ReduceMin.  One small graph per slot keeps ONNX Runtime's intermediates at a few blocks."""
+        ReduceMin, and the log transposed to (P, KH, n) for ``M``.  One small graph per slot keeps
+        ONNX Runtime's intermediates at a few blocks."""
         from onnx import TensorProto, helper
 
         g = self.g
@@ -164,8 +169,9 @@ class OnnxRuntimeKernels:
                     helper.make_node("MatMul", [f"{p}_E", u], [f"{p}_EU0"]),
                     helper.make_node("Log", [f"{p}_EU0"], [f"{p}_EU"]),
                     helper.make_node("ReduceMin", [f"{p}_EU"], [f"{p}_min"], axes=[-1], keepdims=1),
+                    helper.make_node("Transpose", [f"{p}_EU"], [f"{p}_M"], perm=[2, 0, 1]),
                 ]
-                outputs += [f"{p}_E", f"{p}_m", f"{p}_EU", f"{p}_min"]
+                outputs += [f"{p}_E", f"{p}_m", f"{p}_M", f"{p}_min"]
         graph = helper.make_graph(
             nodes, "step_blocks",
             [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs],
@@ -226,8 +232,9 @@ class OnnxRuntimeKernels:
         g = self.g
         T, KH, n, d = g.T, g.K * g.H, g.n, g.d
         a, bT, E, Ut = g.a.view(T, KH, n, d), g.bT.view(T, KH, d, n), g.E.view(T, T, KH, n, n), g.Ut.view(T, KH, n, T)
-        mr, eur, minr = g.mr.view(T, KH, n, 1), g.eur.view(T, KH, n, T), g.minr.view(T, KH, n, 1)
-        mc, euc, minc = g.mc.view(T, KH, n, 1), g.euc.view(T, KH, n, T), g.minc.view(T, KH, n, 1)
+        M = g.M.view(T, T, T, KH, n)
+        mr, minr = g.mr.view(T, KH, n, 1), g.minr.view(T, KH, n, 1)
+        mc, minc = g.mc.view(T, KH, n, 1), g.minc.view(T, KH, n, 1)
         b = self.create_session.io_binding()
         self._bind(b, "a_x", a[x])
         self._bind(b, "bT_x", bT[x])
@@ -236,9 +243,9 @@ class OnnxRuntimeKernels:
             self._bind(b, f"a_{s}", a[s])
             self._bind(b, f"bT_{s}", bT[s])
             self._bind(b, f"Ut_{s}", Ut[s])
-            for name, t in ((f"row_{s}_E", E[x, s]), (f"row_{s}_m", mr[s]), (f"row_{s}_EU", eur[s]),
+            for name, t in ((f"row_{s}_E", E[x, s]), (f"row_{s}_m", mr[s]), (f"row_{s}_M", M[x, s]),
                             (f"row_{s}_min", minr[s]), (f"col_{s}_E", E[s, x]), (f"col_{s}_m", mc[s]),
-                            (f"col_{s}_EU", euc[s]), (f"col_{s}_min", minc[s])):
+                            (f"col_{s}_M", M[s, x]), (f"col_{s}_min", minc[s])):
                 self._bind(b, name, t, output=True)
         return b
 

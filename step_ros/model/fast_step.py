@@ -236,7 +236,7 @@ class _StepGroup:
             #                                   an exact row holds S - m instead (see `exact`)
             "exact": ((T, T, K, H, n), torch.bool),  # rows of E kept in the log domain
             "m": ((T, T, K, H, n), f32),  # [G, F, ., ., j]: max_l S^{GF}_jl (row stabiliser of E)
-            "M": ((T, T, T, K, H, n), f32),  # [G, P, F, ., ., j]: log(E_j . U^F[:, P])
+            "M": ((T, T, T, K, H, n), f32),  # [G, F, P, ., ., j]: log(E_j . U^F[:, P])
             "a": ((T, K, H, n, d), f32),  # query content + c_bar (scaled), per slot
             "bT": ((T, K, H, d, n), f32),  # key content, transposed
             "u": ((T, K, H, n, d), f32),  # value content
@@ -248,11 +248,9 @@ class _StepGroup:
             "Ut": ((T, K, H, n, T), f32),  # [F, ., ., l, P]: U again, in the layout E @ U wants
             "mu": ((T, T, K, H), f32),  # [P, F, ., .]: max_l gamma
             "qkv": ((K, n, 3 * self.D), f32),  # the newest frame's content projection
-            "mr": ((T, K, H, n), f32),  # its row blocks (x, F): row max of S,
-            "eur": ((T, K, H, n, T), f32),  # log(E @ U),
-            "minr": ((T, K, H, n), f32),  # and its minimum over the positions
+            "mr": ((T, K, H, n), f32),  # its row blocks (x, F): row max of S and the minimum
+            "minr": ((T, K, H, n), f32),  # of log(E @ U) over the positions (M is written directly)
             "mc": ((T, K, H, n), f32),  # its column blocks (G, x), the same
-            "euc": ((T, K, H, n, T), f32),
             "minc": ((T, K, H, n), f32),
             "r_buf": ((T, T, K, H, n), f32),  # per prediction: r' and the GEMV result, E's order
             "w_buf": ((T, T, K, H, n), f32),
@@ -267,7 +265,8 @@ class _StepGroup:
         self.n = n
         for name, (shape, dtype) in self.cache_shapes(n).items():
             setattr(self, name, host_zeros(shape, dtype, self.device))
-        self._ar_T = torch.arange(self.T, device=self.device) * self.T  # row G*T + P of M.view(T*T, ...)
+        slots = torch.arange(self.T, device=self.device)
+        self._gf_T = ((slots[:, None] * self.T + slots[None, :]) * self.T)  # row (G*T + F)*T of M.view(T**3, ...)
         self.kernels_name = resolve_kernels(self.kernels_request, self.device, n)
         self.kernels = make_kernels(self.kernels_name, self)  # binds the buffers just made
 
@@ -305,12 +304,10 @@ class _StepGroup:
         self.delta[x] = torch.einsum("khnd,khd->khn", a, self.kg)
         self.eps[x] = torch.einsum("khnd,khd->khn", b, self.qg)
 
-        self.kernels.create(x)  # E[x, :], E[:, x], their row maxima and E @ U: the big work
+        self.kernels.create(x)  # E[x, :], E[:, x], their row maxima, M[x, :], M[:, x]: the big work
         mask = torch.zeros(self.T, dtype=torch.bool, device=self.device)
         mask[filled] = True
         self._keep_exact_rows(x, mask)
-        self.M[x] = self.eur.permute(4, 0, 1, 2, 3)  # (P, F, K, H, n)
-        self.M[:, :, x] = self.euc.permute(0, 4, 1, 2, 3)  # (G, P, K, H, n)
         self.m[x] = self.mr
         self.m[:, x] = self.mc
 
@@ -354,7 +351,8 @@ class _StepGroup:
         # preallocated buffers (fresh multi-MB temporaries cost page faults every prediction)
         big, M, U, t = self.big_buf, self.M_buf, self.U_buf, self.t_buf
         torch.index_select(self.beta, 1, pos, out=big)  # beta^G[P_F]
-        torch.index_select(self.M.view(T * T, T, K, H, n), 0, self._ar_T + pos, out=M)  # M^{GF}[P_G]
+        torch.index_select(self.M.view(T**3, K, H, n), 0, (self._gf_T + pos[:, None]).view(-1),
+                           out=M.view(T * T, K, H, n))  # M^{GF}[P_G]
         torch.index_select(self.U, 0, pos, out=U)  # U^F[:, P_G]
         kappa = self.kappa[:, :, pos][:, :, :, pos].permute(2, 3, 0, 1)  # kappa[P_G, P_F]
         mu = self.mu[pos]  # mu^F[P_G]

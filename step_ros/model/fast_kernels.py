@@ -12,7 +12,7 @@ in ONNX Runtime.
 Both read and write the :class:`~step_ros.model.fast_step._StepGroup`'s own buffers, so the
 two implementations are interchangeable and give the same numbers to float32 rounding.
 PyTorch runs anywhere (CPU and CUDA).  ONNX Runtime (CPU only) runs the same arithmetic
-through MLAS, whose GEMM and GEMV are about twice as fast as PyTorch's MKL here: its graphs
+through MLAS, whose fp32 GEMM is about twice as fast as PyTorch's MKL on the AMD VMs: its graphs
 have fixed shapes, read the group's tensors in place and write straight into the block cache
 (I/O binding, no copies).  ``step-ros bench`` measures one against the other.
 

@@ -52,6 +52,33 @@ def tiny_manifest_dict(frames: int = 4, interval: int = 2, image_size: int = 42,
     }
 
 
+def import_through_the_cli(result, out: Path, work: Path, extract=(), train=(), evaluate=()) -> dict:
+    """A dataset import's output through the real CLI, as a user runs it: write the import, a tiny
+    manifest from it (``make_manifest``), then ``extract``, ``train`` (2 epochs, batch 4) and
+    ``evaluate`` as subprocesses, each with its extra arguments; returns the evaluation's report."""
+    import json
+    import subprocess
+
+    from step_ros.data.importers import make_manifest, write_import
+
+    write_import(result, out)
+    base = {"name": "tiny", "backbone": {"arch": "dinov2_vitt14", "random_seed": 0, "image_size": 42,
+                                         "overrides": dict(TINY_OVERRIDES)}, "frames": 4, "frame_interval": 2}
+    manifest = make_manifest(out, base, out / "manifest.yaml")
+    csv, cache, trained, evaluated = out / "annotations.csv", work / "cache", work / "train", work / "eval"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
+    common = ["--data", csv, "--cache", cache]
+    for step in (["extract", "--manifest", manifest, *common, *extract],
+                 ["train", "--manifest", manifest, *common, "--out", trained, "--epochs", "2", "--batch-size", "4",
+                  *train],
+                 ["evaluate", "--manifest", trained / "manifest.yaml", *common, "--out", evaluated, *evaluate]):
+        proc = subprocess.run([sys.executable, "-m", "step_ros", *map(str, step)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{step[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert (evaluated / "report.json").is_file()
+    return json.loads((evaluated / "report.json").read_text())
+
+
 def synthetic_manifest(path: Path, name: str = "tiny-synthetic") -> Path:
     """A 3-task manifest for the synthetic benchmark's labels on the tiny backbone, written to ``path``."""
     import yaml

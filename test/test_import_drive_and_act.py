@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,10 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, TINY_OVERRIDES
+from conftest import ROOT, import_through_the_cli
 from step_ros.data.annotations import load_annotations
-from step_ros.data.importers import (IMPORTERS, DatasetImportError, ImportOptions, load_pairs, make_manifest,
-                                     write_import)
+from step_ros.data.importers import (IMPORTERS, DatasetImportError, ImportOptions, load_pairs, write_import)
 from step_ros.data.importers import drive_and_act as da
 from step_ros.data.video import write_video
 
@@ -198,25 +194,8 @@ def test_write_import_outputs_load(root, tmp_path):
 
 
 def test_full_path_import_extract_train_evaluate(root, tmp_path):
-    out = tmp_path / "imported"
-    write_import(da.import_drive_and_act(root, ImportOptions()), out)
-    base = {"name": "tiny", "backbone": {"arch": "dinov2_vitt14", "random_seed": 0, "image_size": 42,
-                                         "overrides": dict(TINY_OVERRIDES)}, "frames": 4, "frame_interval": 2}
-    manifest = make_manifest(out, base, out / "manifest.yaml")
-    data, cache, trained, evaluated = out / "annotations.csv", tmp_path / "cache", tmp_path / "train", tmp_path / "eval"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-
-    def cli(*args: str) -> None:
-        r = subprocess.run([sys.executable, "-m", "step_ros", *args], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300, env=env)
-        assert r.returncode == 0, r.stdout + r.stderr
-
-    cli("extract", "--manifest", str(manifest), "--data", str(data), "--cache", str(cache))
-    cli("train", "--manifest", str(manifest), "--data", str(data), "--cache", str(cache), "--out", str(trained),
-        "--epochs", "2", "--batch-size", "4")
-    cli("evaluate", "--manifest", str(trained / "manifest.yaml"), "--data", str(data), "--cache", str(cache),
-        "--out", str(evaluated), "--clips", "1")
-    report = json.loads((evaluated / "report.json").read_text())
+    report = import_through_the_cli(da.import_drive_and_act(root, ImportOptions()), tmp_path / "imported", tmp_path,
+                                    evaluate=["--clips", "1"])
     head = report["tasks"]["fine_action"]
     assert report["num_samples"] == 3 and head["labels"] == list(da.CLASSES)
     assert len(head["symmetric_pairs"]) == 10

@@ -6,10 +6,7 @@ train -> evaluate through the real CLI."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -17,9 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import import_through_the_cli
 from step_ros.data.annotations import load_annotations
-from step_ros.data.importers import IMPORTERS, DatasetImportError, ImportOptions, make_manifest, write_import
+from step_ros.data.importers import IMPORTERS, DatasetImportError, ImportOptions, write_import
 from step_ros.data.importers.ikea_asm import import_ikea_asm
 from step_ros.data.video import write_video
 
@@ -272,25 +269,8 @@ def test_other_view(dataset):
 
 
 def test_full_path_through_the_cli(dataset, tmp_path):
-    result = import_ikea_asm(dataset, ImportOptions())
-    out = tmp_path / "import"
-    write_import(result, out)
-    base = {"name": "tiny", "backbone": {"arch": "dinov2_vitt14", "random_seed": 0, "image_size": 42,
-                                         "overrides": {"hidden_size": 64, "num_layers": 2, "num_heads": 2}},
-            "frames": 4, "frame_interval": 2}
-    manifest = make_manifest(out, base, out / "manifest.yaml")
-    csv, cache = out / "annotations.csv", tmp_path / "cache"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-
-    def cli(*args: str) -> None:
-        proc = subprocess.run([sys.executable, "-m", "step_ros", *args], cwd=ROOT, capture_output=True, text=True,
-                              env=env, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    cli("extract", "--manifest", str(manifest), "--data", str(csv), "--cache", str(cache), "--device", "cpu")
-    cli("train", "--manifest", str(manifest), "--data", str(csv), "--cache", str(cache), "--out", str(tmp_path / "O"),
-        "--epochs", "2", "--batch-size", "4", "--split", "train", "--device", "cpu", "--workers", "0")
-    cli("evaluate", "--manifest", str(tmp_path / "O" / "manifest.yaml"), "--data", str(csv), "--cache", str(cache),
-        "--out", str(tmp_path / "E"), "--split", "test", "--device", "cpu", "--workers", "0")
-    report = json.loads((tmp_path / "E" / "report.json").read_text())
+    report = import_through_the_cli(import_ikea_asm(dataset, ImportOptions()), tmp_path / "import", tmp_path,
+                                    extract=["--device", "cpu"],
+                                    train=["--split", "train", "--device", "cpu", "--workers", "0"],
+                                    evaluate=["--split", "test", "--device", "cpu", "--workers", "0"])
     assert set(report["tasks"]) == {"fine_action", "atomic_action", "object_in_use"}

@@ -9,8 +9,6 @@ Expected split sizes and class counts are written out by hand below, not recompu
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +16,10 @@ import pytest
 import yaml
 
 from step_ros.data.annotations import load_annotations
-from step_ros.data.importers import (IMPORTERS, DatasetImportError, ImportOptions, load_pairs, make_manifest,
-                                     write_import)
+from conftest import import_through_the_cli
+from step_ros.data.importers import (IMPORTERS, DatasetImportError, ImportOptions, load_pairs, write_import)
 from step_ros.data.importers import ntu
 from step_ros.data.video import write_video
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Copied from open-mmlab/mmaction2 tools/data/skeleton/gen_ntu_rgbd_raw.py (training_subjects_60,
 # training_subjects_120, training_cameras_60, training_setups_120); the same lists are in
@@ -303,24 +299,7 @@ def test_write_import(dataset_root, tmp_path):
 
 
 def test_full_path_import_extract_train_evaluate(dataset_root, tmp_path):
-    result = ntu.import_ntu120(dataset_root, ImportOptions(protocol="xsub"))
-    out = tmp_path / "import"
-    write_import(result, out)
-    base = {"name": "tiny", "backbone": {"arch": "dinov2_vitt14", "random_seed": 0, "image_size": 42,
-                                         "overrides": {"hidden_size": 64, "num_layers": 2, "num_heads": 2}},
-            "frames": 4, "frame_interval": 2}
-    manifest = make_manifest(out, base, out / "manifest.yaml")
-    csv, cache, trained, evaluated = out / "annotations.csv", tmp_path / "cache", tmp_path / "o", tmp_path / "e"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    steps = [
-        ["extract", "--manifest", manifest, "--data", csv, "--cache", cache, "--device", "cpu"],
-        ["train", "--manifest", manifest, "--data", csv, "--cache", cache, "--out", trained, "--epochs", "2",
-         "--batch-size", "4", "--optimizer", "sgd", "--device", "cpu", "--workers", "0"],
-        ["evaluate", "--manifest", trained / "manifest.yaml", "--data", csv, "--cache", cache, "--out", evaluated,
-         "--device", "cpu", "--workers", "0"],
-    ]
-    for step in steps:
-        proc = subprocess.run([sys.executable, "-m", "step_ros", *map(str, step)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, f"{step[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    assert (evaluated / "report.json").is_file()
+    import_through_the_cli(ntu.import_ntu120(dataset_root, ImportOptions(protocol="xsub")),
+                                    tmp_path / "import", tmp_path, extract=["--device", "cpu"],
+                                    train=["--optimizer", "sgd", "--device", "cpu", "--workers", "0"],
+                                    evaluate=["--device", "cpu", "--workers", "0"])

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -22,12 +20,11 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import import_through_the_cli
 from step_ros.data.annotations import load_annotations
-from step_ros.data.importers import DatasetImportError, ImportOptions, load_pairs, make_manifest, write_import
+from step_ros.data.importers import DatasetImportError, ImportOptions, load_pairs, write_import
 from step_ros.data.importers.ssv2 import class_of_template, import_ssv2, lowdata_count
 from step_ros.data.video import write_video
-
-ROOT = Path(__file__).resolve().parents[1]
 
 #: Real class names and indices of Something-Something v2 (a subset of the 174).
 REAL_LABELS = {
@@ -289,25 +286,9 @@ def test_shipped_pairs_use_real_class_names():
 
 
 def test_full_path_import_extract_train_evaluate(ssv2_root, tmp_path):
-    out = tmp_path / "imported"
-    write_import(import_ssv2(ssv2_root, ImportOptions()), out)
-    base = {"name": "tiny", "backbone": {"arch": "dinov2_vitt14", "random_seed": 0, "image_size": 42,
-                                         "overrides": {"hidden_size": 64, "num_layers": 2, "num_heads": 2}},
-            "frames": 4, "frame_interval": 2}
-    manifest = make_manifest(out, base, out / "manifest.yaml")
-    csv, cache, trained, evaluated = out / "annotations.csv", tmp_path / "cache", tmp_path / "train", tmp_path / "eval"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    commands = [
-        ["extract", "--manifest", manifest, "--data", csv, "--cache", cache, "--workers", "0"],
-        ["train", "--manifest", manifest, "--data", csv, "--cache", cache, "--out", trained, "--epochs", "2",
-         "--batch-size", "4", "--split", "train", "--workers", "0"],
-        ["evaluate", "--manifest", trained / "manifest.yaml", "--data", csv, "--cache", cache, "--out", evaluated,
-         "--split", "test", "--workers", "0"],
-    ]
-    for args in commands:
-        proc = subprocess.run([sys.executable, "-m", "step_ros", *map(str, args)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    normal = json.loads((evaluated / "report.json").read_text())["tasks"]["fine_action"]["orders"]["normal"]["all"]
+    report = import_through_the_cli(import_ssv2(ssv2_root, ImportOptions()), tmp_path / "imported", tmp_path,
+                                    extract=["--workers", "0"], train=["--split", "train", "--workers", "0"],
+                                    evaluate=["--split", "test", "--workers", "0"])
+    normal = report["tasks"]["fine_action"]["orders"]["normal"]["all"]
     assert 0.0 <= normal["top1"] <= 1.0
     assert normal["symmetric"] is not None  # test videos of two shipped pairs: opening / closing, pushing l-r / r-l

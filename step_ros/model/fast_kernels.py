@@ -83,7 +83,9 @@ class TorchKernels:
 
     def __init__(self, group: _StepGroup) -> None:
         self.g = group
-        self.eu = torch.empty(group.T, group.K * group.H, group.n, group.T, device=group.device)  # scratch
+        T, KH, n = group.T, group.K * group.H, group.n
+        self.eu = torch.empty(T, KH, n, T, device=group.device)  # scratch: E @ U of one frame's blocks
+        self.w = torch.empty(T * T * KH, 1, n, device=group.device)  # scratch: r' E, block by block
 
     def project(self, patches: torch.Tensor) -> torch.Tensor:
         g = self.g
@@ -115,8 +117,9 @@ class TorchKernels:
     def columns(self) -> torch.Tensor:
         g = self.g
         n = g.n
-        torch.bmm(g.r_buf.view(-1, 1, n), g.E.view(-1, n, n), out=g.w_buf.view(-1, 1, n))
-        return torch.sum(torch.mul(g.w_buf, g.U_buf, out=g.w_buf), 0, out=g.col_buf)
+        torch.bmm(g.r_buf.view(-1, 1, n), g.E.view(-1, n, n), out=self.w)
+        w = self.w.view(g.U_buf.shape)
+        return torch.sum(torch.mul(w, g.U_buf, out=w), 0, out=g.col_buf)
 
 
 class OnnxRuntimeKernels:

@@ -252,8 +252,7 @@ class _StepGroup:
             "minr": ((T, K, H, n), f32),  # of log(E @ U) over the positions (M is written directly)
             "mc": ((T, K, H, n), f32),  # its column blocks (G, x), the same
             "minc": ((T, K, H, n), f32),
-            "r_buf": ((T, T, K, H, n), f32),  # per prediction: r' and the GEMV result, E's order
-            "w_buf": ((T, T, K, H, n), f32),
+            "r_buf": ((T, T, K, H, n), f32),  # per prediction: r', in E's order
             "col_buf": ((T, K, H, n), f32),  # the frame keys' column weights
             "big_buf": ((T, T, K, H, n), f32),  # per prediction: gathered per-block terms
             "M_buf": ((T, T, K, H, n), f32),
@@ -396,7 +395,9 @@ class _StepGroup:
         return {task: head.classifier(pooled[k]) for k, (task, head) in enumerate(zip(self.tasks, self.heads))}
 
     # exact rows: ``x_l = (S_jl - m_j) + (gamma_l[P_G] - mu[P_G])``, the row's logits less the
-    # block's stabilisers, taken through exp only after the row's own max is subtracted
+    # block's stabilisers, taken through exp only after the row's own max is subtracted.  x is
+    # gathered again for the column pass rather than kept: log Z needs every row first, and
+    # keeping x for all exact rows could take as much memory as the blocks themselves.
     _EXACT_CHUNK = 4096  # exact rows per pass at prediction (CHUNK n floats)
     _EXACT_BLOCKS = 64  # blocks recomputed per batch when new blocks have exact rows
 

@@ -311,8 +311,10 @@ class HumanActionNode(Node):
                 if given is not None and given.type_ == Parameter.Type.INTEGER:
                     overrides[name] = Parameter(name, Parameter.Type.DOUBLE, float(given.value))
             values[name] = self.declare_parameter(name, default, desc).value
+        from step_ros.model.fast_kernels import KERNELS
+
         choices = {"backend": None, "head_runner": ("fast", "reference"),
-                   "head_kernels": ("auto", "torch", "onnxruntime"), "input": ("raw", "compressed"),
+                   "head_kernels": KERNELS, "input": ("raw", "compressed"),
                    "qos_reliability": ("best_effort", "reliable")}
         for name, allowed in choices.items():
             values[name] = str(values[name]).strip().lower()

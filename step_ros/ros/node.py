@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import statistics
 import sys

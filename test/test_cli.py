@@ -109,3 +109,16 @@ def test_live_demo_verdict_says_when_the_machine_could_not_keep_up():
                         20.0)
     assert not starved["kept_up"] and "could NOT keep up" in starved["verdict"]
     assert "4 of 10 segments covered, 70 of 200 sampled frames dropped" in starved["verdict"]
+
+
+def test_every_help_text_formats():
+    """argparse expands % in help strings: one stray "95 %" breaks `step-ros --help` for every command."""
+    import argparse
+
+    from step_ros.cli import build_parser
+
+    parser = build_parser()
+    assert "diff-eval" in parser.format_help()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        assert p.format_help(), name

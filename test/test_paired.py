@@ -18,6 +18,9 @@ def test_mcnemar_exact_values():
     assert mcnemar_p(0, 6) == pytest.approx(2 / 64)  # all six changes one way
     assert mcnemar_p(9, 1) == pytest.approx(2 * (1 + 10) / 1024)
     assert mcnemar_p(1, 9) == mcnemar_p(9, 1)
+    # thousands of changed clips (a large test set): exact integers, no float overflow
+    assert mcnemar_p(600, 600) == 1.0
+    assert mcnemar_p(1000, 1200) == pytest.approx(math.erfc(199.5 / math.sqrt(2200) / math.sqrt(2)), rel=0.05)
 
 
 def test_paired_interval_is_the_standard_error_of_the_per_clip_difference():

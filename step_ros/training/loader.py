@@ -251,9 +251,13 @@ def make_loader(dataset: torch.utils.data.Dataset, runtime: Runtime, *, batch_sa
                 indices: list[int] | None = None, batch_size: int = 1) -> DataLoader:
     """A DataLoader with ``runtime.workers`` prefetching workers and pinned memory on GPUs."""
     workers = runtime.workers
+    # Workers come from a fork server, not a fork of this process: by the time a loader starts
+    # (the validation loader after the first epoch) the process has threads (gloo, the other
+    # loader's queue feeders, tqdm's monitor), and a fork copies whatever lock one of them holds.
+    # Seen once in CI: a torchrun rank's forked validation worker hung in a futex for an hour.
     kwargs = dict(num_workers=workers, pin_memory=runtime.pin_memory, prefetch_factor=2 if workers else None,
                   worker_init_fn=_ignore_sigint if workers else None, persistent_workers=bool(workers),
-                  collate_fn=collate)
+                  multiprocessing_context="forkserver" if workers else None, collate_fn=collate)
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices)

@@ -489,3 +489,22 @@ def test_ground_truth_deserializes_in_ros(bag_set):
         assert [(t.task, t.label, t.class_index, t.symmetric_counterpart, t.confident, [s.label for s in t.top_k])
                 for t in ros.tasks] == [(t.task, t.label, t.class_index, t.symmetric_counterpart, t.confident,
                                          [s.label for s in t.top_k]) for t in ours.tasks]
+
+
+def test_replay_bench_rows_give_identical_predictions(bag_set, tmp_path, monkeypatch):
+    """``step-ros bench --suite replay``: every row replays the same bag to the same predictions
+    (the ONNX Runtime row through the dynamic-batch graph), or the command fails."""
+    pytest.importorskip("onnxruntime", reason="the ONNX Runtime row needs onnxruntime")
+    from step_ros.bags import bench_replay
+
+    monkeypatch.setenv("STEP_ROS_CACHE_DIR", str(tmp_path / "cache"))
+    args = argparse.Namespace(bag=str(bag_set["bags"]["sqlite3"]), manifest=str(bag_set["manifest"]), repeat=1,
+                              busy=0, bag_per_class=1, out=str(tmp_path / "out"))
+    assert bench_replay.main(args) == 0
+    result = json.loads((tmp_path / "out" / "bench_replay.json").read_text())
+    assert [r["pipeline"] for r in result["rows"]] == ["stream", "batched", "batched-ort"]
+    assert [r["backbone"] for r in result["rows"]] == ["torch", "torch", "onnxruntime"]
+    assert result["identical_predictions"] is True and result["max_prob_diff"] <= bench_replay.ATOL
+    assert len({(r["frames"], r["predictions"]) for r in result["rows"]}) == 1 and result["rows"][0]["predictions"] > 0
+    assert all(len(r["times_s"]) == 1 for r in result["rows"])  # the warm-up round is not timed
+    assert list((tmp_path / "cache").glob("*/backbone.batched.onnx"))

@@ -95,6 +95,41 @@ def test_ort_encoder_matches_torch_through_streaming(tiny_model, tmp_path):
     assert compared >= 3
 
 
+def test_ort_encoder_batches_through_a_dynamic_batch_graph(tiny_model, tmp_path):
+    """Offline callers send many frames per call: one run of a graph with a dynamic batch axis,
+    exported on the first batch (never for single frames, which is all a node sends)."""
+    encoder = create_encoder("onnxruntime", tiny_model.backbone, tmp_path, device="cpu", threads=1)
+    frames = random_frames(5, seed=4)
+    singles = torch.stack([encoder(f) for f in frames])
+    assert list(tmp_path.glob("*/backbone.batched*.onnx")) == []  # single frames: the batch-1 graph only
+    batch = encoder.encode(frames)
+    assert [p.name for p in tmp_path.glob("*/backbone.batched*.onnx")] == ["backbone.batched.onnx"]
+    meta = read_sidecar(next(tmp_path.glob("*/backbone.batched.onnx")))
+    assert meta["batch"] == "dynamic" and meta["inputs"][0]["shape"][0] == "batch"
+    assert meta["max_abs_error"][OUTPUT_NAME] <= 1e-4  # its own export check, batched feed included
+    assert batch.shape == singles.shape and batch.dtype == torch.float32
+    torch.testing.assert_close(batch, singles, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batch, tiny_model.backbone.encode(frames), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(encoder.encode(frames[:3]), batch[:3])  # the session is kept; any batch size
+    assert encoder.encode(frames[:1]).shape == (1, *batch.shape[1:])
+
+
+def test_int8_encoder_keeps_one_frame_per_call(tiny_model, tmp_path):
+    """Dynamic int8 quantization scales activations by the whole input's range: in a batch a
+    frame's tokens would depend on its neighbours.  So batches run frame by frame, and equal it."""
+    encoder = create_encoder("onnxruntime-int8", tiny_model.backbone, tmp_path, threads=1)
+    frames = random_frames(3, seed=4)
+    torch.testing.assert_close(encoder.encode(frames), torch.stack([encoder(f) for f in frames]))
+    assert list(tmp_path.glob("*/backbone.batched*.onnx")) == []
+
+
+def test_torch_encoder_encodes_a_batch_in_one_forward(tiny_model):
+    encoder = create_encoder("torch", tiny_model.backbone, device="cpu")
+    frames = random_frames(4, seed=5)
+    torch.testing.assert_close(encoder.encode(frames), tiny_model.backbone.encode(frames))
+    torch.testing.assert_close(encoder.encode(frames)[2], encoder(frames[2]), atol=1e-5, rtol=1e-5)
+
+
 def test_export_cache_reused_and_invalidated(tiny_model, tmp_path):
     backbone = tiny_model.backbone
     first = create_encoder("onnxruntime", backbone, tmp_path, device="cpu")

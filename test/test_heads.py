@@ -79,3 +79,33 @@ def test_cls_attention_is_the_global_cls_row_of_the_attention():
     q, k, _ = head.attn.qkv(x).reshape(2, 37, 3, 4, 8).permute(2, 0, 3, 1, 4)
     probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)  # (B, H, N, N)
     torch.testing.assert_close(maps, probs[:, :, 0, 1:].mean(1).reshape(2, 4, 9))
+
+
+@pytest.mark.parametrize("options", [
+    {},  # STEP as the papers define it
+    {"pe": "none"},
+    {"pe": "sinusoidal", "global_cls": False},
+    {"pe": "hybrid", "pe_scope": "token"},
+    {"tokens": "both"},
+    {"tokens": "cls"},
+    {"token_pool": 2},
+    {"pe_position": "after"},  # not decomposable: the plain forward
+    {"block": "full"},
+])
+def test_forward_indexed_equals_the_forward_of_each_window(options):
+    """Windows that share frames (offline replay): each frame projected once, positions added per
+    window; configurations the algebra does not cover take the plain forward."""
+    torch.manual_seed(1)
+    head = create_head("step", 32, 6, 4, 16, {"num_heads": 4, **options}).eval()
+    with torch.no_grad():  # a sharper head than its init, so that a wrong weight would show
+        for prm in head.parameters():
+            prm.mul_(8.0)
+    frames = torch.randn(11, 17, 32)
+    index = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4], [4, 5, 6, 7], [5, 5, 5, 6], [10, 9, 8, 7], [2, 7, 3, 10],
+                          [6, 7, 8, 9], [7, 8, 9, 10], [0, 0, 0, 0]])  # overlapping, padded, reversed, shuffled
+    with torch.inference_mode():
+        expected = head(frames[index])
+        got = head.forward_indexed(frames, index)
+    assert got.shape == expected.shape == (9, 6)
+    assert float(expected.std()) > 1.0
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)  # logits of tens: float32 rounding

@@ -7,7 +7,12 @@ The bag is the live demo's (``scripts/demo.sh``): a fresh synthetic test set rec
    ``replay-eval`` ran before the batched pipeline (it now also skips converting frames the
    sampling passes over, so this baseline is, if anything, faster than the old code);
 2. ``batched``: decode ahead, the backbone on batches of sampled frames, the heads on batches of
-   due windows (``--runner auto``).
+   due windows (``--runner auto``);
+3. ``batched, ONNX Runtime backbone`` (``replay-eval --backend onnxruntime``; when onnxruntime is
+   installed): the same, the backbone's batches through the dynamic-batch ONNX graph.
+
+The rows take turns within each repeat (stream, batched, ..., then again), so that a slow minute
+of a shared VM falls on all of them rather than on one row; each row's first run is a warm-up.
 
 With ``--busy N`` (default 1) both rows run again while N other processes keep a core each busy
 (a robot's CPU is never idle: planners, drivers, the DDS stack): per-frame work with OpenMP threads
@@ -80,31 +85,52 @@ def run(args: argparse.Namespace) -> dict:
         else:
             csv = fresh_test_set(Path(tmp) / "data", args.bag_per_class)
             bag = record(csv, Path(tmp) / "bag", manifest=manifest, progress=False)
+        configs = [("stream (the node's engine, frame by frame)", "stream", None),
+                   ("batched (decode ahead, batched backbone and heads)", "batched", None)]
+        ort = _onnxruntime_encoder(model)
+        if ort is not None:
+            configs.append(("batched, ONNX Runtime backbone (--backend onnxruntime)", "batched-ort", ort))
         rows, reports = [], {}
         loads = [0] + ([args.busy] if args.busy > 0 else [])
         for load in loads:
-            for name, pipeline in (("stream (the node's engine, frame by frame)", "stream"),
-                                   ("batched (decode ahead, batched backbone and heads)", "batched")):
-                times, report = [], None
-                with busy_cores(load):
-                    for _ in range(args.repeat):
-                        report = replay_eval(bag, manifest, None, model=model, pipeline=pipeline, save_probs=True,
-                                             quiet=True, progress=False)
-                        times.append(report["timing"]["wall_s"])
-                reports[(pipeline, load)] = report
-                wall = statistics.median(times)
-                rows.append({"name": name, "pipeline": pipeline, "busy_cores": load,
-                             "runner": report["settings"]["runner"], "wall_s": round(wall, 3),
-                             "frames": report["frames"]["valid"],
+            times: dict[str, list[float]] = {key: [] for _, key, _ in configs}
+            with busy_cores(load):
+                for rep in range(args.repeat + 1):  # round 0 warms up
+                    for _, key, encode in configs:
+                        report = replay_eval(bag, manifest, None, model=model, pipeline=key.split("-")[0],
+                                             encode=encode, save_probs=True, quiet=True, progress=False)
+                        if rep:
+                            times[key].append(report["timing"]["wall_s"])
+                        reports[(key, load)] = report
+            for name, key, _ in configs:
+                report, wall = reports[(key, load)], statistics.median(times[key])
+                rows.append({"name": name, "pipeline": key, "busy_cores": load,
+                             "runner": report["settings"]["runner"], "backbone": report["settings"]["encode"],
+                             "wall_s": round(wall, 3), "frames": report["frames"]["valid"],
                              "frames_per_s": round(report["frames"]["valid"] / wall, 1),
-                             "predictions": report["num_predictions"], "times_s": times})
+                             "predictions": report["num_predictions"], "times_s": times[key]})
         checks = [_same_predictions(reports[("stream", 0)], r) for r in reports.values()]
-        speedups = {load: round(reports_wall(rows, "stream", load) / reports_wall(rows, "batched", load), 2)
-                    for load in loads}
+        speedups = {load: {key: round(reports_wall(rows, "stream", load) / reports_wall(rows, key, load), 2)
+                           for _, key, _ in configs[1:]} for load in loads}
         result = {"bag": str(bag) if args.bag else "fresh demo test set (record)", "manifest": str(manifest_path),
                   "repeat": args.repeat, "rows": rows, "speedup_by_busy_cores": speedups,
                   "identical_predictions": all(c[0] for c in checks), "max_prob_diff": max(c[1] for c in checks)}
     return result
+
+
+def _onnxruntime_encoder(model):
+    """The ONNX Runtime backbone, made and warmed once (its dynamic-batch graph exported before
+    any timing), or None without onnxruntime."""
+    try:
+        from ..deploy.backends import BackendUnavailable, create_encoder
+        from ..deploy.export import sample_frames
+
+        encoder = create_encoder("onnxruntime", model.backbone, device="cpu")
+    except (ImportError, BackendUnavailable) as exc:
+        console.print(f"[yellow]skipping the ONNX Runtime row: {exc}[/]")
+        return None
+    encoder.encode(sample_frames(2))
+    return encoder
 
 
 def reports_wall(rows: list[dict], pipeline: str, load: int) -> float:
@@ -113,11 +139,12 @@ def reports_wall(rows: list[dict], pipeline: str, load: int) -> float:
 
 def main(args: argparse.Namespace) -> int:
     result = run(args)
-    table = [[r["name"], r["busy_cores"], r["runner"], r["frames"], r["predictions"], f"{r['wall_s']:.3f}",
-              f"{r['frames_per_s']:.0f}", f"{reports_wall(result['rows'], 'stream', r['busy_cores']) / r['wall_s']:.2f}x"]
+    table = [[r["name"], r["busy_cores"], r["backbone"], r["runner"], r["frames"], r["predictions"],
+              f"{r['wall_s']:.3f}", f"{r['frames_per_s']:.0f}",
+              f"{reports_wall(result['rows'], 'stream', r['busy_cores']) / r['wall_s']:.2f}x"]
              for r in result["rows"]]
-    print_table("step-ros bench --suite replay (same bag, same model, one run)",
-                ["row", "busy cores", "heads", "frames", "predictions", "wall s (median)", "frames/s",
+    print_table("step-ros bench --suite replay (same bag, same model, one run, rows in turn)",
+                ["row", "busy cores", "backbone", "heads", "frames", "predictions", "wall s (median)", "frames/s",
                  "speed vs stream, same load"], table)
     verdict = "identical" if result["identical_predictions"] else "DIFFERENT"
     console.print(f"predictions {verdict} (max probability difference {result['max_prob_diff']:.2e}, "

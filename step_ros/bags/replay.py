@@ -645,7 +645,8 @@ def replay_eval(
                      "sample_period_s": engine.sample_period_s, "stride": stride, "alpha": alpha, "threshold": threshold,
                      "stable_count": stable_count, "max_gap_s": engine.max_gap_s, "min_frames": engine.min_frames,
                      "runner": runner_name, "batch_size": batch_size if pipeline == "batched" else None,
-                     "encode": "torch" if encode is None else (encode if isinstance(encode, str) else "custom"),
+                     "encode": "torch" if encode is None else (encode if isinstance(encode, str)
+                                                                else getattr(encode, "name", "custom")),
                      "stamps": "log_time" if use_log_time else "header"},
         "latency_model": latency_model,
         "frames": {"messages": sum(invalid.values()) + len(valid_stamps), "valid": len(valid_stamps),

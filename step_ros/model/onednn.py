@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["OneDnnLinear", "onednn_linear_available", "use_onednn_linears"]
+__all__ = ["OneDnnLinear", "onednn_linear_available", "plain_linears", "use_onednn_linears"]
 
 
 def onednn_linear_available() -> bool:
@@ -69,5 +69,17 @@ def use_onednn_linears(module: nn.Module) -> int:
     for m in module.modules():
         if type(m) is nn.Linear:
             m.__class__ = OneDnnLinear
+            count += 1
+    return count
+
+
+def plain_linears(module: nn.Module) -> int:
+    """Undo :func:`use_onednn_linears` (PyTorch's own ``F.linear``, MKL on x86); returns how many.
+    For comparisons: the benchmark times the backbone both ways in one run."""
+    count = 0
+    for m in module.modules():
+        if type(m) is OneDnnLinear:
+            m.__dict__.pop("_packed", None)
+            m.__class__ = nn.Linear
             count += 1
     return count

@@ -14,7 +14,7 @@ The bag is the live demo's (``scripts/demo.sh``): a fresh synthetic test set rec
 The rows take turns within each repeat (stream, batched, ..., then again), so that a slow minute
 of a shared VM falls on all of them rather than on one row; each row's first run is a warm-up.
 
-With ``--busy N`` (default 1) both rows run again while N other processes keep a core each busy
+With ``--busy N`` (default 1) every row runs again while N other processes keep a core each busy
 (a robot's CPU is never idle: planners, drivers, the DDS stack): per-frame work with OpenMP threads
 suffers most there, batched work least.
 

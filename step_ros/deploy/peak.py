@@ -2,10 +2,11 @@
 
 Measured, not looked up, at the thread count the benchmark uses, with every GEMM library the
 benchmarks run: PyTorch's BLAS (MKL on x86), PyTorch's oneDNN linear (what the backbone's Linear
-layers use on CPUs, :mod:`step_ros.model.onednn`) and ONNX Runtime's MLAS.  Why all three: their
-speeds differ by CPU vendor (MKL takes AVX2 kernels on AMD CPUs).  On this project's AMD EPYC (Zen 5) machine MLAS multiplies fp32 matrices about
-2.2x faster than PyTorch's BLAS (~490 vs ~220 GFLOP/s at 2 threads), so a peak taken from
-PyTorch alone put the ONNX Runtime backbone at 152 % of "peak".  The fp32 peak is the best
+layers use on x86 CPUs, :mod:`step_ros.model.onednn`) and ONNX Runtime's MLAS.  Why all three:
+their speeds differ by CPU vendor (MKL takes AVX2 kernels on AMD CPUs).  On this project's AMD
+EPYC machine MLAS multiplies fp32 matrices about 2.2x faster than MKL (~490 vs ~220 GFLOP/s at
+2 threads), so a peak taken from PyTorch's BLAS alone put the ONNX Runtime backbone at 152 % of
+"peak".  The fp32 peak is the best
 of the libraries; int8 rows (VNNI) are measured against the int8 GEMM peak.
 """
 

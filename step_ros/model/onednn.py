@@ -17,6 +17,7 @@ tracing or ONNX export, an old PyTorch without the op).  ``STEP_ROS_ONEDNN=0`` t
 from __future__ import annotations
 
 import os
+import platform
 from typing import Any
 
 import torch
@@ -27,8 +28,12 @@ __all__ = ["OneDnnLinear", "onednn_linear_available", "plain_linears", "use_oned
 
 
 def onednn_linear_available() -> bool:
-    """PyTorch has oneDNN and the packed-weight linear op (and ``STEP_ROS_ONEDNN`` is not 0)."""
+    """An x86 CPU (where MKL is PyTorch's GEMM and oneDNN was measured faster; on ARM PyTorch
+    has no MKL to replace), PyTorch with oneDNN and its packed-weight linear op, and
+    ``STEP_ROS_ONEDNN`` not 0."""
     if os.environ.get("STEP_ROS_ONEDNN", "1").strip() in ("0", "false", "no", "off"):
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
         return False
     ops = getattr(torch.ops, "mkldnn", None)
     return bool(torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")

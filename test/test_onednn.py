@@ -82,3 +82,14 @@ def test_backbone_uses_it_and_the_switch_turns_it_off(monkeypatch):
     assert on.fingerprint == off.fingerprint
     frames = random_frames(3, 64, 80)
     torch.testing.assert_close(on.encode(frames), off.encode(frames), atol=1e-4, rtol=1e-4)
+
+
+def test_moving_or_releasing_the_weights_drops_the_packed_copy(tiny_model):
+    """A packed weight is a second copy: moving the module (or releasing a backbone whose graph
+    backend took over, as the node does on a small-memory robot) must not keep it alive."""
+    backbone = copy.deepcopy(tiny_model.backbone)
+    backbone.encode(random_frames(1, 64, 80))
+    linears = [m for m in backbone.modules() if isinstance(m, OneDnnLinear)]
+    assert linears and all(m._packed is not None for m in linears)
+    backbone.release_weights()
+    assert all(m._packed is None for m in linears)

@@ -59,6 +59,10 @@ class OneDnnLinear(nn.Linear):
                 self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
         return torch.ops.mkldnn._linear_pointwise(x, self._packed[1], self.bias, "none", [], "")
 
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the pack is of the old weight
+        self.__dict__.pop("_packed", None)
+        return super()._apply(fn, recurse)
+
     def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: an opaque oneDNN tensor cannot be copied
         state = self.__dict__.copy()
         state.pop("_packed", None)

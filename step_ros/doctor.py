@@ -76,9 +76,14 @@ def check_images() -> tuple[str, str]:
 def check_torch() -> tuple[str, str]:
     import torch
 
+    from .model.onednn import onednn_linear_available
+
     if torch.cuda.is_available():
         return OK, f"torch {torch.__version__}, CUDA {torch.version.cuda}, GPU {torch.cuda.get_device_name(0)}"
-    return WARN, f"torch {torch.__version__}: no CUDA GPU; backends torch / onnxruntime run on the CPU"
+    linears = "the backbone's Linear layers through oneDNN" if onednn_linear_available() else \
+        "the backbone's Linear layers through PyTorch's default GEMM (oneDNN linears off: not x86, " \
+        "no oneDNN in this torch, or STEP_ROS_ONEDNN=0)"
+    return WARN, f"torch {torch.__version__}: no CUDA GPU; backends torch / onnxruntime run on the CPU; {linears}"
 
 
 def check_onnxruntime() -> tuple[str, str]:

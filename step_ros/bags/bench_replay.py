@@ -85,24 +85,24 @@ def run(args: argparse.Namespace) -> dict:
         else:
             csv = fresh_test_set(Path(tmp) / "data", args.bag_per_class)
             bag = record(csv, Path(tmp) / "bag", manifest=manifest, progress=False)
-        configs = [("stream (the node's engine, frame by frame)", "stream", None),
-                   ("batched (decode ahead, batched backbone and heads)", "batched", None)]
+        configs = [("stream (the node's engine, frame by frame)", "stream", "stream", None),  # name, key, pipeline, encode
+                   ("batched (decode ahead, batched backbone and heads)", "batched", "batched", None)]
         ort = _onnxruntime_encoder(model)
         if ort is not None:
-            configs.append(("batched, ONNX Runtime backbone (--backend onnxruntime)", "batched-ort", ort))
+            configs.append(("batched, ONNX Runtime backbone (--backend onnxruntime)", "batched-ort", "batched", ort))
         rows, reports = [], {}
         loads = [0] + ([args.busy] if args.busy > 0 else [])
         for load in loads:
-            times: dict[str, list[float]] = {key: [] for _, key, _ in configs}
+            times: dict[str, list[float]] = {key: [] for _, key, _, _ in configs}
             with busy_cores(load):
                 for rep in range(args.repeat + 1):  # round 0 warms up
-                    for _, key, encode in configs:
-                        report = replay_eval(bag, manifest, None, model=model, pipeline=key.split("-")[0],
+                    for _, key, pipeline, encode in configs:
+                        report = replay_eval(bag, manifest, None, model=model, pipeline=pipeline,
                                              encode=encode, save_probs=True, quiet=True, progress=False)
                         if rep:
                             times[key].append(report["timing"]["wall_s"])
                         reports[(key, load)] = report
-            for name, key, _ in configs:
+            for name, key, _, _ in configs:
                 report, wall = reports[(key, load)], statistics.median(times[key])
                 rows.append({"name": name, "pipeline": key, "busy_cores": load,
                              "runner": report["settings"]["runner"], "backbone": report["settings"]["encode"],
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
                              "predictions": report["num_predictions"], "times_s": times[key]})
         checks = [_same_predictions(reports[("stream", 0)], r) for r in reports.values()]
         speedups = {load: {key: round(reports_wall(rows, "stream", load) / reports_wall(rows, key, load), 2)
-                           for _, key, _ in configs[1:]} for load in loads}
+                           for _, key, _, _ in configs[1:]} for load in loads}
         result = {"bag": str(bag) if args.bag else "fresh demo test set (record)", "manifest": str(manifest_path),
                   "repeat": args.repeat, "rows": rows, "speedup_by_busy_cores": speedups,
                   "identical_predictions": all(c[0] for c in checks), "max_prob_diff": max(c[1] for c in checks)}

@@ -43,15 +43,16 @@ def torch_gemm_gflops(size: int = 2048, repeats: int = 7) -> float:
 
 
 def onednn_gemm_gflops(size: int = 2048, repeats: int = 7) -> float | None:
-    """fp32 oneDNN linear (packed weight) throughput, or None where PyTorch lacks it."""
-    from ..model.onednn import onednn_linear_available
+    """fp32 throughput of the backbone's own oneDNN linear (:class:`OneDnnLinear`, weight packed
+    on the untimed first call), or None where it is not available."""
+    from ..model.onednn import use_onednn_linears
 
-    if not onednn_linear_available():
+    layer = torch.nn.Linear(size, size, bias=False)
+    if not use_onednn_linears(layer):
         return None
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
-    return 2.0 * size**3 / _best_seconds(
-        lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""), repeats) / 1e9
+    a = torch.randn(size, size)
+    with torch.inference_mode():
+        return 2.0 * size**3 / _best_seconds(lambda: layer(a), repeats) / 1e9
 
 
 def onnxruntime_gemm_gflops(size: int = 2048, repeats: int = 7, threads: int | None = None,

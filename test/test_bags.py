@@ -502,8 +502,9 @@ def test_replay_bench_rows_give_identical_predictions(bag_set, tmp_path, monkeyp
                               busy=0, bag_per_class=1, out=str(tmp_path / "out"))
     assert bench_replay.main(args) == 0
     result = json.loads((tmp_path / "out" / "bench_replay.json").read_text())
-    assert [r["pipeline"] for r in result["rows"]] == ["stream", "batched", "batched-ort"]
-    assert [r["backbone"] for r in result["rows"]] == ["torch", "torch", "onnxruntime"]
+    assert [r["pipeline"] for r in result["rows"]] == ["stream", "batched-torch", "batched", "batched-ort"]
+    assert [r["backbone"] for r in result["rows"]] == ["torch", "torch", "torch", "onnxruntime"]
+    assert [r["head_kernels"] for r in result["rows"][1:]] == ["torch", "onnxruntime", "onnxruntime"]
     assert result["identical_predictions"] is True and result["max_prob_diff"] <= bench_replay.ATOL
     assert len({(r["frames"], r["predictions"]) for r in result["rows"]}) == 1 and result["rows"][0]["predictions"] > 0
     assert all(len(r["times_s"]) == 1 for r in result["rows"])  # the warm-up round is not timed

@@ -92,9 +92,14 @@ def test_cls_attention_is_the_global_cls_row_of_the_attention():
     {"pe_position": "after"},  # not decomposable: the plain forward
     {"block": "full"},
 ])
-def test_forward_indexed_equals_the_forward_of_each_window(options):
+@pytest.mark.parametrize("kernels", ["torch", "onnxruntime"])
+def test_forward_indexed_equals_the_forward_of_each_window(options, kernels, monkeypatch):
     """Windows that share frames (offline replay): each frame projected once, positions added per
-    window; configurations the algebra does not cover take the plain forward."""
+    window; configurations the algebra does not cover take the plain forward.  ``onnxruntime``:
+    the same through the ONNX Runtime graph (split into one window per call here, as a batch
+    whose score matrices pass the memory cap would be)."""
+    from step_ros.model import indexed_onnx
+
     torch.manual_seed(1)
     head = create_head("step", 32, 6, 4, 16, {"num_heads": 4, **options}).eval()
     with torch.no_grad():  # a sharper head than its init, so that a wrong weight would show
@@ -103,9 +108,17 @@ def test_forward_indexed_equals_the_forward_of_each_window(options):
     frames = torch.randn(11, 17, 32)
     index = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4], [4, 5, 6, 7], [5, 5, 5, 6], [10, 9, 8, 7], [2, 7, 3, 10],
                           [6, 7, 8, 9], [7, 8, 9, 10], [0, 0, 0, 0]])  # overlapping, padded, reversed, shuffled
+    if kernels == "onnxruntime":
+        pytest.importorskip("onnxruntime", reason="the ONNX Runtime graph needs onnxruntime")
+        monkeypatch.setattr(indexed_onnx, "SCORES_BYTES", 1)
+    run, name = indexed_onnx.indexed_heads({"task": head}, kernels)
+    assert name == kernels
+    supported = indexed_onnx.indexed_onnx_unsupported(head) is None
+    assert supported == ("pe_position" not in options and "block" not in options)
+    assert isinstance(run["task"], indexed_onnx.OnnxIndexedHead) == (kernels == "onnxruntime" and supported)
     with torch.inference_mode():
         expected = head(frames[index])
-        got = head.forward_indexed(frames, index)
+        got = run["task"](frames, index)
     assert got.shape == expected.shape == (9, 6)
     assert float(expected.std()) > 1.0
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)  # logits of tens: float32 rounding

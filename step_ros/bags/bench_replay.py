@@ -6,10 +6,12 @@ The bag is the live demo's (``scripts/demo.sh``): a fresh synthetic test set rec
 1. ``stream``: the node's engine frame by frame with the exact fast heads, which is what
    ``replay-eval`` ran before the batched pipeline (it now also skips converting frames the
    sampling passes over, so this baseline is, if anything, faster than the old code);
-2. ``batched``: decode ahead, the backbone on batches of sampled frames, the heads on batches of
-   due windows (``--runner auto``);
-3. ``batched, ONNX Runtime backbone`` (``replay-eval --backend onnxruntime``; when onnxruntime is
-   installed): the same, the backbone's batches through the dynamic-batch ONNX graph.
+2. ``batched-torch``: decode ahead, the backbone on batches of sampled frames, the heads on
+   batches of due windows (``--runner auto``), all in PyTorch (``--head-kernels torch``);
+3. ``batched`` (the default; when onnxruntime is installed): the same with the heads' batches
+   through ONNX Runtime graphs (:mod:`step_ros.model.indexed_onnx`);
+4. ``batched-ort``: also the backbone's batches through ONNX Runtime (``--backend onnxruntime``,
+   the dynamic-batch graph).
 
 The rows take turns within each repeat (stream, batched, ..., then again), so that a slow minute
 of a shared VM falls on all of them rather than on one row; each row's first run is a warm-up.
@@ -85,33 +87,38 @@ def run(args: argparse.Namespace) -> dict:
         else:
             csv = fresh_test_set(Path(tmp) / "data", args.bag_per_class)
             bag = record(csv, Path(tmp) / "bag", manifest=manifest, progress=False)
-        configs = [("stream (the node's engine, frame by frame)", "stream", "stream", None),  # name, key, pipeline, encode
-                   ("batched (decode ahead, batched backbone and heads)", "batched", "batched", None)]
+        # name, key, pipeline, backbone (None: PyTorch), head kernels
+        configs = [("stream (the node's engine, frame by frame)", "stream", "stream", None, "auto"),
+                   ("batched, PyTorch backbone and heads (--head-kernels torch)", "batched-torch", "batched", None,
+                    "torch")]
         ort = _onnxruntime_encoder(model)
         if ort is not None:
-            configs.append(("batched, ONNX Runtime backbone (--backend onnxruntime)", "batched-ort", "batched", ort))
+            configs += [("batched, ONNX Runtime heads (default)", "batched", "batched", None, "auto"),
+                        ("batched, ONNX Runtime backbone and heads (--backend onnxruntime)", "batched-ort", "batched",
+                         ort, "auto")]
         rows, reports = [], {}
         loads = [0] + ([args.busy] if args.busy > 0 else [])
         for load in loads:
-            times: dict[str, list[float]] = {key: [] for _, key, _, _ in configs}
+            times: dict[str, list[float]] = {key: [] for _, key, *_ in configs}
             with busy_cores(load):
                 for rep in range(args.repeat + 1):  # round 0 warms up
-                    for _, key, pipeline, encode in configs:
-                        report = replay_eval(bag, manifest, None, model=model, pipeline=pipeline,
-                                             encode=encode, save_probs=True, quiet=True, progress=False)
+                    for _, key, pipeline, encode, kernels in configs:
+                        report = replay_eval(bag, manifest, None, model=model, pipeline=pipeline, encode=encode,
+                                             head_kernels=kernels, save_probs=True, quiet=True, progress=False)
                         if rep:
                             times[key].append(report["timing"]["wall_s"])
                         reports[(key, load)] = report
-            for name, key, _, _ in configs:
+            for name, key, *_ in configs:
                 report, wall = reports[(key, load)], statistics.median(times[key])
                 rows.append({"name": name, "pipeline": key, "busy_cores": load,
                              "runner": report["settings"]["runner"], "backbone": report["settings"]["encode"],
+                             "head_kernels": report["settings"]["head_kernels"],
                              "wall_s": round(wall, 3), "frames": report["frames"]["valid"],
                              "frames_per_s": round(report["frames"]["valid"] / wall, 1),
                              "predictions": report["num_predictions"], "times_s": times[key]})
         checks = [_same_predictions(reports[("stream", 0)], r) for r in reports.values()]
         speedups = {load: {key: round(reports_wall(rows, "stream", load) / reports_wall(rows, key, load), 2)
-                           for _, key, _, _ in configs[1:]} for load in loads}
+                           for _, key, *_ in configs[1:]} for load in loads}
         result = {"bag": str(bag) if args.bag else "fresh demo test set (record)", "manifest": str(manifest_path),
                   "repeat": args.repeat, "rows": rows, "speedup_by_busy_cores": speedups,
                   "identical_predictions": all(c[0] for c in checks), "max_prob_diff": max(c[1] for c in checks)}
@@ -139,7 +146,8 @@ def reports_wall(rows: list[dict], pipeline: str, load: int) -> float:
 
 def main(args: argparse.Namespace) -> int:
     result = run(args)
-    table = [[r["name"], r["busy_cores"], r["backbone"], r["runner"], r["frames"], r["predictions"],
+    table = [[r["name"], r["busy_cores"], r["backbone"], f"{r['runner']} ({r['head_kernels']})", r["frames"],
+              r["predictions"],
               f"{r['wall_s']:.3f}", f"{r['frames_per_s']:.0f}",
               f"{reports_wall(result['rows'], 'stream', r['busy_cores']) / r['wall_s']:.2f}x"]
              for r in result["rows"]]

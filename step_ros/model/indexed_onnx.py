@@ -18,11 +18,13 @@ floats; :meth:`OnnxIndexedHead.__call__` splits the windows into calls of at mos
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from .fast_kernels import resolve_kernels
 from .heads import StepHead, pool_patch_grid, select_tokens
 
 __all__ = ["SCORES_BYTES", "OnnxIndexedHead", "indexed_heads", "indexed_onnx_unsupported"]
@@ -153,13 +155,11 @@ class OnnxIndexedHead:
         return torch.from_numpy(np.concatenate(out) if len(out) > 1 else out[0]).to(frames.device)
 
 
-def indexed_heads(heads: Any, kernels: str = "auto") -> tuple[dict[str, Any], str]:
+def indexed_heads(heads: Mapping[str, Any], kernels: str = "auto") -> tuple[dict[str, Any], str]:
     """``{task: (frames, index) -> logits}`` for a batch of windows that share frames, and who
     runs them (``torch`` or ``onnxruntime``; ``auto``: ONNX Runtime for heads on the CPU when it
     is installed).  Heads without a graph here keep their own ``forward_indexed`` (or forward)."""
-    from .fast_kernels import resolve_kernels
-
-    heads = dict(getattr(heads, "items", lambda: heads)())
+    heads = dict(heads.items())  # a model's ModuleDict, or a plain mapping
     device = next((p.device for h in heads.values() for p in h.parameters()), torch.device("cpu"))
     name = resolve_kernels(kernels, device)
     out: dict[str, Any] = {}

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .fast_kernels import resolve_kernels
+from .fast_kernels import cpu_session_options, resolve_kernels
 from .heads import StepHead, pool_patch_grid, select_tokens
 
 __all__ = ["SCORES_BYTES", "OnnxIndexedHead", "indexed_heads", "indexed_onnx_unsupported"]
@@ -56,14 +56,7 @@ class OnnxIndexedHead:
 
         self.head = head
         self.num_heads = head.attn.num_heads
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
-        # threads that sleep when idle: spinning ones fight PyTorch's OpenMP threads (fast_kernels)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._ort, self._opts = ort, opts
+        self._ort, self._opts = ort, cpu_session_options(threads)
         self._sessions: dict[int, Any] = {}  # by tokens per frame (the graph's positions are per token)
 
     @torch.inference_mode()

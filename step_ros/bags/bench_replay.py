@@ -33,12 +33,23 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..console import console, print_table, write_json
 
 ATOL = 1e-5
+
+
+class Config(NamedTuple):
+    """One row: what ``replay_eval`` runs, and the key the JSON and the speed-ups use."""
+
+    name: str
+    key: str
+    pipeline: str
+    encode: Any = None  # the backbone: None is PyTorch, else an encoder
+    head_kernels: str = "auto"
 
 
 def _same_predictions(a: dict, b: dict) -> tuple[bool, float]:
@@ -87,38 +98,37 @@ def run(args: argparse.Namespace) -> dict:
         else:
             csv = fresh_test_set(Path(tmp) / "data", args.bag_per_class)
             bag = record(csv, Path(tmp) / "bag", manifest=manifest, progress=False)
-        # name, key, pipeline, backbone (None: PyTorch), head kernels
-        configs = [("stream (the node's engine, frame by frame)", "stream", "stream", None, "auto"),
-                   ("batched, PyTorch backbone and heads (--head-kernels torch)", "batched-torch", "batched", None,
-                    "torch")]
+        configs = [Config("stream (the node's engine, frame by frame)", "stream", "stream"),
+                   Config("batched, PyTorch backbone and heads (--head-kernels torch)", "batched-torch", "batched",
+                          head_kernels="torch")]
         ort = _onnxruntime_encoder(model)
         if ort is not None:
-            configs += [("batched, ONNX Runtime heads (default)", "batched", "batched", None, "auto"),
-                        ("batched, ONNX Runtime backbone and heads (--backend onnxruntime)", "batched-ort", "batched",
-                         ort, "auto")]
+            configs += [Config("batched, ONNX Runtime heads (default)", "batched", "batched"),
+                        Config("batched, ONNX Runtime backbone and heads (--backend onnxruntime)", "batched-ort",
+                               "batched", encode=ort)]
         rows, reports = [], {}
         loads = [0] + ([args.busy] if args.busy > 0 else [])
         for load in loads:
-            times: dict[str, list[float]] = {key: [] for _, key, *_ in configs}
+            times: dict[str, list[float]] = {c.key: [] for c in configs}
             with busy_cores(load):
                 for rep in range(args.repeat + 1):  # round 0 warms up
-                    for _, key, pipeline, encode, kernels in configs:
-                        report = replay_eval(bag, manifest, None, model=model, pipeline=pipeline, encode=encode,
-                                             head_kernels=kernels, save_probs=True, quiet=True, progress=False)
+                    for c in configs:
+                        report = replay_eval(bag, manifest, None, model=model, pipeline=c.pipeline, encode=c.encode,
+                                             head_kernels=c.head_kernels, save_probs=True, quiet=True, progress=False)
                         if rep:
-                            times[key].append(report["timing"]["wall_s"])
-                        reports[(key, load)] = report
-            for name, key, *_ in configs:
-                report, wall = reports[(key, load)], statistics.median(times[key])
-                rows.append({"name": name, "pipeline": key, "busy_cores": load,
+                            times[c.key].append(report["timing"]["wall_s"])
+                        reports[(c.key, load)] = report
+            for c in configs:
+                report, wall = reports[(c.key, load)], statistics.median(times[c.key])
+                rows.append({"name": c.name, "pipeline": c.key, "busy_cores": load,
                              "runner": report["settings"]["runner"], "backbone": report["settings"]["encode"],
                              "head_kernels": report["settings"]["head_kernels"],
                              "wall_s": round(wall, 3), "frames": report["frames"]["valid"],
                              "frames_per_s": round(report["frames"]["valid"] / wall, 1),
-                             "predictions": report["num_predictions"], "times_s": times[key]})
+                             "predictions": report["num_predictions"], "times_s": times[c.key]})
         checks = [_same_predictions(reports[("stream", 0)], r) for r in reports.values()]
-        speedups = {load: {key: round(reports_wall(rows, "stream", load) / reports_wall(rows, key, load), 2)
-                           for _, key, *_ in configs[1:]} for load in loads}
+        speedups = {load: {c.key: round(reports_wall(rows, "stream", load) / reports_wall(rows, c.key, load), 2)
+                           for c in configs[1:]} for load in loads}
         result = {"bag": str(bag) if args.bag else "fresh demo test set (record)", "manifest": str(manifest_path),
                   "repeat": args.repeat, "rows": rows, "speedup_by_busy_cores": speedups,
                   "identical_predictions": all(c[0] for c in checks), "max_prob_diff": max(c[1] for c in checks)}

@@ -393,13 +393,6 @@ def _make_runner(runner: Any, model: Any, head_kernels: str = "auto") -> Any:
     return runner
 
 
-def _kernels_name(engine: Any, runner: Any) -> str:
-    """Who ran the heads' kernels: ``torch``/``onnxruntime``, ``none`` for a reference runner."""
-    if runner is None:
-        return engine.head_kernels
-    return getattr(runner, "kernels", "none")
-
-
 def _make_encode(encode: Any, model: Any, device: Any = None) -> Callable | None:
     if encode is None or callable(encode):
         return encode
@@ -656,7 +649,8 @@ def replay_eval(
         "settings": {"frames": frames, "frame_interval": k, "sampling": engine.schedule.mode,
                      "sample_period_s": engine.sample_period_s, "stride": stride, "alpha": alpha, "threshold": threshold,
                      "stable_count": stable_count, "max_gap_s": engine.max_gap_s, "min_frames": engine.min_frames,
-                     "runner": runner_name, "head_kernels": _kernels_name(engine, runner_obj),
+                     "runner": runner_name, "head_kernels": engine.head_kernels if pipeline == "batched"
+                     else getattr(runner_obj, "kernels", "none"),
                      "batch_size": batch_size if pipeline == "batched" else None,
                      "encode": "torch" if encode is None else (encode if isinstance(encode, str)
                                                                 else getattr(encode, "name", "custom")),

@@ -245,6 +245,28 @@ def test_tensorrt_engine_build_cache_and_rebuild(tiny_model, tmp_path):
     torch.testing.assert_close(fp32(frames[0]), backbone.encode(frames[0])[0], atol=1e-3, rtol=1e-3)
 
 
+def test_baseline_engine_brings_its_own_kernels(tmp_path):
+    """`--baseline-engine` with a fast_kernels.py beside the engine runs that engine on those
+    kernels (an earlier revision's pair), and leaves today's engine its own."""
+    import numpy as np
+
+    from step_ros.deploy.bench_heads import load_engine_module
+    from step_ros.model import fast_kernels, fast_step
+    from step_ros.model.heads import StepHead
+
+    for name, module in (("fast_step.py", fast_step), ("fast_kernels.py", fast_kernels)):
+        (tmp_path / name).write_text(Path(module.__file__).read_text())
+    before = load_engine_module(tmp_path / "fast_step.py")
+    assert before.make_kernels is not fast_kernels.make_kernels
+    assert before.make_kernels.__module__.endswith("_kernels")
+    assert sys.modules["step_ros.model.fast_kernels"] is fast_kernels and fast_step.make_kernels is fast_kernels.make_kernels
+    head = StepHead(32, 3, 4, 16, num_heads=2).eval()
+    runner, tokens = before.FastStepRunner({"a": head}, kernels="torch"), torch.randn(4, 17, 32)
+    for i in range(4):
+        runner.add_frame(i, tokens[i])
+    torch.testing.assert_close(runner.predict(tokens, np.arange(4))["a"], head(tokens[None])[0], rtol=1e-5, atol=1e-6)
+
+
 def test_bench_command_small_configuration(tmp_path, capsys):
     """`step-ros bench` end to end on a tiny configuration: every row present, ratios to baselines."""
     from step_ros.cli import main
@@ -258,12 +280,14 @@ def test_bench_command_small_configuration(tmp_path, capsys):
     result = json.loads((tmp_path / "bench.json").read_text())
     names = [r["name"] for r in result["rows"]]
     assert any(n.startswith("backbone torch") for n in names) and any("onnxruntime" in n for n in names)
-    for variant in ("before (fast_step_before.py)", "torch kernels", "onnxruntime kernels"):
+    for variant in ("before (fast_step_before.py)", "torch kernels", "onnxruntime kernels", "auto kernels"):
         stream = next(r for r in result["rows"] if r["name"] == f"streaming: 1 backbone pass + 3 fast heads, {variant}")
         assert stream["backbone_calls_per_new_frame"] == 1 and stream["ratio_to_baseline"] > 0
         assert stream["backbone_passes"] > 0 and stream["fallbacks"] == 0
         heads = next(r for r in result["rows"] if r["name"] == f"heads only: fast STEP engine, {variant} x3")
         assert heads["max_abs_diff_vs_sdpa"] < 1e-4 and heads["ms_add_frame"] > 0 and heads["ms_predict"] > 0
+        if variant != "before (fast_step_before.py)":
+            assert heads["kernels"] == stream["kernels"] == variant.split()[0].replace("auto", "torch")  # 16 tokens
     assert sum(n.startswith("pass over 1 head's blocks") for n in names) == 4  # fp32 x2, fp16, bf16
     assert any("token_pool 2 (approximate)" in n for n in names)  # 4 x 4 grid: pools to 2 x 2
     assert (tmp_path / "bench_latency.png").stat().st_size > 0

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, random_frames, tiny_manifest_dict
+from step_ros.model import fast_kernels
 from step_ros.model.fast_step import FastStepRunner, fast_path_unsupported, reference_step_logits
 from step_ros.model.heads import AttentiveHead, StepHead
 from step_ros.model.streaming import ReferenceRunner, StreamingEngine
@@ -190,7 +191,27 @@ def test_kernels_are_validated():
     heads = make_heads()
     with pytest.raises(ValueError, match="kernels must be one of"):
         FastStepRunner(heads, kernels="mkl")
-    assert FastStepRunner(heads, kernels="auto").kernels in ("torch", "onnxruntime")
+    runner = FastStepRunner(heads, kernels="auto")
+    runner.add_frame(0, torch.randn(1 + N_TOK, D))
+    assert runner.kernels == "torch"  # N_TOK is under AUTO_MIN_TOKENS: nothing to measure
+    assert runner.kernel_timings == {}
+
+
+def test_auto_kernels_measure_both_and_keep_the_faster(monkeypatch, log_records):
+    """Which kernels are faster depends on the CPU (DECISIONS 35): ``auto`` times both at the
+    first frame, keeps the faster and says so; the timing pass leaves no trace in the results."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(fast_kernels, "AUTO_MIN_TOKENS", 1)
+    records = log_records("step_ros.model.fast_step", logging.INFO)
+    heads = make_heads()
+    runner = FastStepRunner(heads, kernels="auto")
+    assert runner.kernels == "auto"  # not chosen before a frame gives the token count
+    frames = torch.randn(2 * T, 1 + N_TOK, D)
+    assert stream(runner, heads, frames) == T + 1
+    timings = runner.kernel_timings
+    assert set(timings) == {"torch", "onnxruntime"} and all(t > 0 for t in timings.values())
+    assert runner.kernels == min(timings, key=timings.get)
+    assert any(f"kernels auto -> {runner.kernels}" in r.getMessage() for r in records)
 
 
 def test_non_default_step_config_uses_reference_forward(log_records):

@@ -57,6 +57,27 @@ def test_streaming_equals_clip_recomputation_past_wrap(tiny_model):
     print(f"backbone passes per prediction (steady state, stride 1): {steady:.0f}")
 
 
+def test_warm_up_sets_up_and_forgets_its_frame(tiny_model):
+    """The node warms its engine up before the camera's first frame: afterwards the fast
+    engine's caches exist (its kernels chosen) and nothing of the blank frame is left: the same
+    predictions, the same counters as an engine that was not warmed up."""
+    from step_ros.model.fast_step import FastStepRunner
+
+    frames = random_frames(12)
+    warm = StreamingEngine(tiny_model, stride=1, runner=FastStepRunner(tiny_model))
+    assert warm.warm_up() > 0
+    assert all(g.n is not None for g in warm.runner.groups) and warm.runner.kernels == "torch"
+    assert warm.stats.backbone_passes == 0 and warm.window.size == 0
+    cold = StreamingEngine(tiny_model, stride=1, runner=FastStepRunner(tiny_model))
+    for i, frame in enumerate(frames):
+        a, b = warm.push(frame, stamp=i * 0.1), cold.push(frame, stamp=i * 0.1)
+        assert (a is None) == (b is None)
+        if a is not None:
+            for task in a.tasks:
+                np.testing.assert_allclose(a.tasks[task].probs, b.tasks[task].probs, rtol=1e-6, atol=1e-7)
+    assert warm.stats.backbone_passes == cold.stats.backbone_passes and warm.stats.predictions > 0
+
+
 def test_stride_and_deferred_predictions(tiny_model):
     """stride 2 predicts every second sampled frame; a postponed prediction comes with the next
     sampled frame, whose window is still exactly the last T sampled frames."""

@@ -9,7 +9,8 @@ the int8 row against the int8 GEMM; :mod:`step_ros.deploy.peak` says why):
    per frame, preprocessing included;
 2. one prediction, streaming (one new frame's backbone pass + three exact fast STEP heads) vs
    recomputing the 16-frame clip with naive heads (today's way) and with fused-SDPA heads; the
-   streaming row once per fast-engine variant: PyTorch kernels, ONNX Runtime kernels, and with
+   streaming row once per fast-engine variant: PyTorch kernels, ONNX Runtime kernels, ``auto``
+   (the faster of the two, timed on this machine: what the node runs), and with
    ``--baseline-engine FILE`` an earlier engine ("before"), each in torch backbone passes;
 3. one head vs three heads on the shared window (streaming): what the second and third head add;
    and, clearly named, the approximate ``token_pool`` heads (``--token-pool``, default 2);
@@ -87,13 +88,10 @@ def _row(name: str, times_ms: list[float], flops: float | None, peak: float, bas
 
 
 def _variant_runner(variant: str, variants: dict, heads: dict) -> Any:
-    from ..model.fast_step import FastStepRunner
     from ..model.streaming import ReferenceRunner
 
     if variant == "reference":
         return ReferenceRunner(heads)
-    if variant == "auto kernels":  # what the node picks for these heads (token_pool: fewer tokens)
-        return FastStepRunner(heads, kernels="auto")
     return variants[variant](heads)
 
 
@@ -186,9 +184,10 @@ def arch_rows(args: argparse.Namespace, arch: str, peaks: dict, variants: dict, 
             what = "reference heads" if variant == "reference" else f"fast heads, {variant}"
             return _row(f"{tag}streaming: 1 backbone pass + {step_heads} {what}{mode}", times, None, peak,
                         clip_row, backbone_calls_per_new_frame=round(calls, 3),
-                        backbone_passes=statistics.median(times) / passes, fallbacks=getattr(runner, "fallbacks", 0))
+                        backbone_passes=statistics.median(times) / passes, fallbacks=getattr(runner, "fallbacks", 0),
+                        **({"kernels": runner.kernels} if hasattr(runner, "kernel_timings") else {}))
 
-        default = list(variants)[-1]  # ONNX Runtime kernels where installed
+        default = list(variants)[-1]  # auto: what the node runs
         stream3 = {v: streaming_row(3, v) for v in (variants if full else [default])}
         rows += stream3.values()
         if full:
@@ -208,8 +207,8 @@ def arch_rows(args: argparse.Namespace, arch: str, peaks: dict, variants: dict, 
     head_variants = variants if full else {default: variants[default]}
     for r in bench_heads(backbone.dim, n, t, backbone.arch.num_heads, 3, repeats=args.repeat,
                          include_naive=full, peaks=peaks, variants=head_variants)[1:]:
-        extra = {key: r[key] for key in ("memory_mb", "fallbacks", "exact_rows", "ms_add_frame", "ms_predict",
-                                         "max_abs_diff_vs_sdpa") if key in r}
+        extra = {key: r[key] for key in ("kernels", "memory_mb", "fallbacks", "exact_rows", "ms_add_frame",
+                                         "ms_predict", "max_abs_diff_vs_sdpa") if key in r}
         rows.append({"name": f"{tag}heads only: " + r["name"], "ms_median": r["ms_median"], "ms_p95": r["ms_p95"],
                      **({"baseline": f"naive head x{r['heads']}", "ratio_to_baseline": r["ratio_to_naive"]}
                         if full else {}),

@@ -54,22 +54,42 @@ def full_head_flops(dim: int, n: int, frames: int) -> float:
 
 def load_engine_module(path: Path) -> Any:
     """An earlier ``fast_step.py`` (e.g. ``git show REV:step_ros/model/fast_step.py > f.py``),
-    imported inside ``step_ros.model`` so that its relative imports resolve: the "before" rows."""
+    imported inside ``step_ros.model`` so that its relative imports resolve: the "before" rows.
+    A ``fast_kernels.py`` beside it (``git show REV:step_ros/model/fast_kernels.py``) is that
+    engine's kernels; without one it runs today's."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--baseline-engine: no file {path}")
     name = f"step_ros.model._baseline_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
+    kernels_path = path.parent / "fast_kernels.py"
+    own = Path(__file__).resolve().parents[1] / "model" / "fast_kernels.py"
+    kernels = None
+    if kernels_path.is_file() and kernels_path.resolve() != own:
+        kernels = _exec_module(f"{name}_kernels", kernels_path)
+    saved = sys.modules.get("step_ros.model.fast_kernels")
+    try:
+        if kernels is not None:  # what the engine's ``from .fast_kernels import ...`` finds
+            sys.modules["step_ros.model.fast_kernels"] = kernels
+        module = _exec_module(name, path)
+    finally:
+        if saved is not None:
+            sys.modules["step_ros.model.fast_kernels"] = saved
     if not hasattr(module, "FastStepRunner"):
         raise ValueError(f"--baseline-engine: {path} has no FastStepRunner")
     return module
 
 
+def _exec_module(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def fast_variants(baseline_engine: Path | None = None) -> dict[str, Callable[[Any], Any]]:
-    """Label -> runner factory for each fast-engine configuration compared, baseline first."""
+    """Label -> runner factory for each fast-engine configuration compared, baseline first and
+    the default (``auto``: the faster kernels, timed on this machine) last."""
     variants: dict[str, Callable[[Any], Any]] = {}
     if baseline_engine is not None:
         module = load_engine_module(baseline_engine)
@@ -81,6 +101,7 @@ def fast_variants(baseline_engine: Path | None = None) -> dict[str, Callable[[An
         variants["onnxruntime kernels"] = lambda heads: FastStepRunner(heads, kernels="onnxruntime")
     except ImportError:
         pass
+    variants["auto kernels"] = lambda heads: FastStepRunner(heads, kernels="auto")
     return variants
 
 
@@ -110,7 +131,7 @@ def bench_heads(
     ``exact_rows``.  The first row is the measured fp32 GEMM peak (with the thread count, CPU
     count and 1-minute load average: timings on a busy machine are not comparable with a quiet
     one's).  ``peaks``: a caller's :func:`measure_gemm_peaks` from the same run.
-    ``variants``: :func:`fast_variants` (default: PyTorch and ONNX Runtime kernels).
+    ``variants``: :func:`fast_variants` (default: PyTorch, ONNX Runtime and ``auto`` kernels).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -208,6 +229,7 @@ def bench_heads(
                 row["max_abs_diff_vs_sdpa"] = diffs[(method, c)]
                 row["fallbacks"] = runner.fallbacks
                 row["exact_rows"] = getattr(runner, "exact_rows", 0)
+                row["kernels"] = getattr(runner, "kernels", None)
             rows.append(row)
     return rows
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import mmap
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,16 +37,21 @@ if TYPE_CHECKING:
 KERNELS = ("auto", "torch", "onnxruntime")
 
 
-#: ``auto`` picks ONNX Runtime from this many (pooled) tokens per frame.  Measured with three
-#: 6-head ViT-S-width heads, T = 16, 2 threads: PyTorch 12.8 vs ONNX Runtime 14.5 ms per frame
-#: at 64 tokens, even at 100, ONNX Runtime 80 vs PyTorch 111 at 256 (ViT-S/14 at 224); the
-#: demo model (16 tokens) 1.5 vs 2.0.  Below it ONNX Runtime's per-call overhead dominates.
+#: Below this many (pooled) tokens per frame ``auto`` takes PyTorch without measuring: ONNX
+#: Runtime's per-call overhead dominates there (three 6-head ViT-S-width heads, T = 16, 2 threads,
+#: AMD EPYC: PyTorch 12.8 vs ONNX Runtime 14.5 ms per frame at 64 tokens; the demo model's 16
+#: tokens 1.5 vs 2.0 ms).
 AUTO_MIN_TOKENS = 128
+
+#: Timed rounds (after an untimed one) per candidate when ``auto`` measures the kernels.
+AUTO_ROUNDS = 3
 
 
 def resolve_kernels(kernels: str, device: torch.device, tokens: int | None = None) -> str:
-    """``auto``: ONNX Runtime for heads on the CPU when it is installed and a frame has at least
-    :data:`AUTO_MIN_TOKENS` tokens (``tokens`` None: not known yet, assume many), else PyTorch."""
+    """Validate ``kernels``; for ``auto``, the candidates' outcome where it needs no measuring:
+    PyTorch off the CPU, without ONNX Runtime, or under :data:`AUTO_MIN_TOKENS` tokens.  Where
+    both could win it stays ``auto`` (``tokens`` None: not known yet), for :func:`make_kernels`
+    to measure."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
     if kernels == "onnxruntime" and device.type != "cpu":
@@ -57,7 +63,6 @@ def resolve_kernels(kernels: str, device: torch.device, tokens: int | None = Non
             import onnxruntime  # noqa: F401
         except ImportError:
             return "torch"
-        return "onnxruntime"
     return kernels
 
 
@@ -99,7 +104,8 @@ class TorchKernels:
     def __init__(self, group: _StepGroup) -> None:
         self.g = group
         T, KH, n = group.T, group.K * group.H, group.n
-        self.eu = torch.empty(T, KH, n, T, device=group.device)  # scratch: E @ U of one frame's blocks
+        self.eu_row = torch.empty(T, KH, n, T, device=group.device)  # scratch: E @ U of the new row blocks
+        self.eu_col = torch.empty(T, KH, n, T, device=group.device)  # and of the new column blocks
         self.w = torch.empty(T * T * KH, 1, n, device=group.device)  # scratch: r' E, block by block
 
     def project(self, patches: torch.Tensor) -> torch.Tensor:
@@ -107,27 +113,28 @@ class TorchKernels:
         return torch.matmul(patches, g.Wt, out=g.qkv)
 
     def create(self, x: int) -> None:
+        """One STEP head's blocks of one slot pair at a time: a chunk (H blocks, 1.5 MB for
+        ViT-S) stays in the CPU's cache from its GEMM through the row max, the exp and ``E @ U``,
+        instead of a frame's 75 MB of new blocks going out to memory and back for each step
+        (measured: 40 against 48 ms for three ViT-S heads, Intel Xeon, 2 threads)."""
         g = self.g
-        T, KH, n, d = g.T, g.K * g.H, g.n, g.d
-        a, bT, E, Ut = g.a.view(T, KH, n, d), g.bT.view(T, KH, d, n), g.E.view(T, T, KH, n, n), g.Ut.view(T, KH, n, T)
-        M = g.M.view(T, T, T, KH, n)
-        mr, minr = g.mr.view(T, KH, n), g.minr.view(T, KH, n)
-        mc, minc = g.mc.view(T, KH, n), g.minc.view(T, KH, n)
-        row = E[x]  # (F, KH, n, n): blocks (x, F), contiguous
-        torch.matmul(a[x], bT, out=row)
-        torch.amax(row, -1, out=mr)
-        row.sub_(mr[..., None]).exp_()
-        torch.matmul(row, Ut, out=self.eu).log_()  # (F, KH, n, P)
-        torch.amin(self.eu, -1, out=minr)
-        M[x] = self.eu.permute(0, 3, 1, 2)
-        for G in range(T):  # column blocks (G, x): one contiguous (KH, n, n) each
-            col = E[G, x]
-            torch.matmul(a[G], bT[x], out=col)
-            torch.amax(col, -1, out=mc[G])
-            col.sub_(mc[G][..., None]).exp_()
-            torch.matmul(col, Ut[x], out=self.eu[G]).log_()
-        torch.amin(self.eu, -1, out=minc)
-        M[:, x] = self.eu.permute(0, 3, 1, 2)
+        T, K, H, n, d = g.T, g.K, g.H, g.n, g.d
+        a, bT, E, Ut = g.a.view(T, K, H, n, d), g.bT.view(T, K, H, d, n), g.E.view(T, T, K, H, n, n), g.Ut
+        M = g.M.view(T, T, T, K * H, n)
+        eu_row, eu_col = self.eu_row.view(T, K, H, n, T), self.eu_col.view(T, K, H, n, T)
+        for s in range(T):
+            for k in range(K):
+                for block, q, key, u, m, eu in (
+                        (E[x, s, k], a[x, k], bT[s, k], Ut[s, k], g.mr[s, k], eu_row[s, k]),  # row block (x, s)
+                        (E[s, x, k], a[s, k], bT[x, k], Ut[x, k], g.mc[s, k], eu_col[s, k])):  # column block (s, x)
+                    torch.matmul(q, key, out=block)
+                    torch.amax(block, -1, out=m)
+                    block.sub_(m[..., None]).exp_()
+                    torch.matmul(block, u, out=eu)
+        for eu, low, target in ((self.eu_row, g.minr, M[x]), (self.eu_col, g.minc, M[:, x])):
+            eu.log_()
+            torch.amin(eu, -1, out=low.view(T, K * H, n))
+            target.copy_(eu.permute(0, 3, 1, 2))
 
     def columns(self) -> torch.Tensor:
         g = self.g
@@ -290,9 +297,34 @@ class OnnxRuntimeKernels:
         return self.g.col_buf
 
 
-def make_kernels(kernels: str, group: _StepGroup) -> TorchKernels | OnnxRuntimeKernels:
-    return OnnxRuntimeKernels(group) if kernels == "onnxruntime" else TorchKernels(group)
+def make_kernels(kernels: str, group: _StepGroup) -> tuple[TorchKernels | OnnxRuntimeKernels, dict[str, float]]:
+    """The kernels for ``group`` (its buffers allocated), and ``{name: ms}`` when ``auto`` timed them.
+
+    ``auto`` (after :func:`resolve_kernels`) times both on this machine, one ``create`` and one
+    ``columns`` per round, and keeps the faster.  Which one wins depends on the CPU: on the AMD
+    EPYC VMs ONNX Runtime's MLAS was 1.3x faster than PyTorch's MKL (which takes its AVX2 kernels
+    there), on an Intel Xeon PyTorch was 1.1x faster (DECISIONS 35).  It costs about ten frames'
+    head work once, when the first frame sets the token count; both write only slot 0's blocks,
+    which that frame then makes again.  The block cache is written once first: the pass over it
+    would otherwise read pages never written, which all map to one page of zeros and time far
+    too fast.
+    """
+    if kernels == "torch":
+        return TorchKernels(group), {}
+    if kernels == "onnxruntime":
+        return OnnxRuntimeKernels(group), {}
+    group.E.zero_()  # every page real, as after the first T frames: unwritten pages all read one zero page
+    candidates = (TorchKernels(group), OnnxRuntimeKernels(group))
+    times: dict[str, list[float]] = {c.name: [] for c in candidates}
+    for _ in range(1 + AUTO_ROUNDS):  # taking turns, so that a drift of the machine hits both
+        for candidate in candidates:
+            start = time.perf_counter()
+            candidate.create(0)
+            candidate.columns()
+            times[candidate.name].append(time.perf_counter() - start)
+    timings = {name: 1e3 * min(t[1:]) for name, t in times.items()}  # the first round is untimed
+    return min(candidates, key=lambda c: timings[c.name]), timings
 
 
-__all__ = ["AUTO_MIN_TOKENS", "KERNELS", "OnnxRuntimeKernels", "TorchKernels", "cpu_session_options", "host_zeros",
+__all__ = ["AUTO_MIN_TOKENS", "AUTO_ROUNDS", "KERNELS", "OnnxRuntimeKernels", "TorchKernels", "cpu_session_options", "host_zeros",
            "make_kernels", "resolve_kernels"]

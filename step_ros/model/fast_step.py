@@ -190,6 +190,7 @@ class _StepGroup:
         self.refresh()
         self.kernels_request = kernels
         self.kernels_name = resolve_kernels(kernels, self.device)  # validated now, final at allocate()
+        self.kernel_timings: dict[str, float] = {}  # what auto measured: {kernels: ms per frame}
 
     # -- constants: position and CLS terms, weights --------------------------------------------
     @torch.inference_mode()
@@ -266,8 +267,11 @@ class _StepGroup:
             setattr(self, name, host_zeros(shape, dtype, self.device))
         slots = torch.arange(self.T, device=self.device)
         self._gf_T = ((slots[:, None] * self.T + slots[None, :]) * self.T)  # row (G*T + F)*T of M.view(T**3, ...)
-        self.kernels_name = resolve_kernels(self.kernels_request, self.device, n)
-        self.kernels = make_kernels(self.kernels_name, self)  # binds the buffers just made
+        self.kernels, self.kernel_timings = make_kernels(resolve_kernels(self.kernels_request, self.device, n), self)
+        self.kernels_name = self.kernels.name
+        if self.kernel_timings:
+            log.info("fast STEP engine: kernels auto -> %s (per frame, measured here: %s)", self.kernels_name,
+                     ", ".join(f"{k} {v:.1f} ms" for k, v in self.kernel_timings.items()))
 
     def memory_bytes(self, n: int | None = None) -> int:
         n = n or self.n
@@ -444,8 +448,10 @@ class FastStepRunner:
 
     ``kernels``: who runs the block creation and the pass over the blocks
     (:mod:`~step_ros.model.fast_kernels`): ``onnxruntime`` (MLAS, CPU), ``torch`` (any device) or
-    ``auto`` (ONNX Runtime on the CPU when installed, for frames of at least
-    :data:`~step_ros.model.fast_kernels.AUTO_MIN_TOKENS` tokens).  Same numbers either way.
+    ``auto``: PyTorch off the CPU and for frames under
+    :data:`~step_ros.model.fast_kernels.AUTO_MIN_TOKENS` tokens, otherwise whichever of the two
+    is faster on this machine, timed once at the first frame (:attr:`kernel_timings`).  Same
+    numbers either way.
 
     Weights are read at construction: after changing a head's weights call :meth:`refresh`.
     Counters: ``fallbacks`` (fast-path predictions recomputed by the reference forward because
@@ -502,9 +508,14 @@ class FastStepRunner:
 
     @property
     def kernels(self) -> str:
-        """``torch`` or ``onnxruntime`` (``auto`` resolved; final once a frame set the token
-        count); ``none`` without fast heads."""
+        """``torch`` or ``onnxruntime``; ``auto`` until the first frame sets the token count and
+        the choice is made (measured where either could win); ``none`` without fast heads."""
         return self.groups[0].kernels_name if self.groups else "none"
+
+    @property
+    def kernel_timings(self) -> dict[str, float]:
+        """``{kernels: ms per frame}`` that ``auto`` measured to choose (empty: nothing measured)."""
+        return dict(self.groups[0].kernel_timings) if self.groups else {}
 
     @property
     def fast_tasks(self) -> list[str]:

@@ -175,8 +175,8 @@ _PARAMETERS: list[tuple[str, Any, str, dict[str, Any]]] = [
     ("head_runner", "fast", "how heads run on the window: fast (exact incremental STEP engine) | reference "
                             "(plain forward)", {}),
     ("head_kernels", "auto", "who runs the fast engine's block kernels: onnxruntime (MLAS, CPU) | torch (any "
-                             "device) | auto (onnxruntime for heads on the CPU when installed and a frame has >= 128 "
-                             "tokens); same numbers", {}),
+                             "device) | auto (on the CPU with >= 128 tokens per frame: both timed at the first frame, "
+                             "the faster kept; else torch); same numbers", {}),
     ("sampling", "auto", "how camera frames are sampled into the window: time (by header stamps, every "
                          "sample_period_s of the manifest, the frame nearest each sample time) | frames (every "
                          "frame_interval-th frame) | auto (time when the manifest has sample_period_s and "
@@ -382,8 +382,10 @@ class HumanActionNode(Node):
         )
         self.smoother = PredictionSmoother(manifest, alpha=p["smoothing_alpha"], threshold=p["confidence_threshold"],
                                            stable_count=p["stable_count"], top_k=p["top_k"])
-        self.get_logger().info(f"model loaded in {time.perf_counter() - started:.1f} s; backbone: "
-                               f"{model.backbone.source}")
+        warm_s = self.engine.warm_up()
+        kernels = f", head kernels {runner.kernels}" if hasattr(runner, "kernel_timings") else ""
+        self.get_logger().info(f"model loaded in {time.perf_counter() - started:.1f} s (warm-up with a blank frame "
+                               f"{warm_s:.1f} s{kernels}); backbone: {model.backbone.source}")
 
     def _fast_engine_counters(self) -> list[tuple[str, str]]:
         """The exact engine's own counters: predictions it handed to the reference forward

@@ -175,6 +175,9 @@ def test_onnxruntime_and_torch_kernels_agree(qk_scale):
     for task in a:
         torch.testing.assert_close(a[task], b[task], rtol=1e-5, atol=1e-6)
     assert runners["torch"].exact_rows == runners["onnxruntime"].exact_rows
+    for runner in runners.values():  # a count kept as frames come: other threads read it without tensor work
+        assert runner.exact_rows == sum(int(g.exact.sum()) for g in runner.groups)
+        assert (runner.exact_rows > 0) == (qk_scale > 1)
 
 
 def test_a_filling_window_has_no_exact_rows():

@@ -326,5 +326,5 @@ def make_kernels(kernels: str, group: _StepGroup) -> tuple[TorchKernels | OnnxRu
     return min(candidates, key=lambda c: timings[c.name]), timings
 
 
-__all__ = ["AUTO_MIN_TOKENS", "AUTO_ROUNDS", "KERNELS", "OnnxRuntimeKernels", "TorchKernels", "cpu_session_options", "host_zeros",
-           "make_kernels", "resolve_kernels"]
+__all__ = ["AUTO_MIN_TOKENS", "AUTO_ROUNDS", "KERNELS", "OnnxRuntimeKernels", "TorchKernels", "cpu_session_options",
+           "host_zeros", "make_kernels", "resolve_kernels"]

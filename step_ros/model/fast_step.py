@@ -510,7 +510,7 @@ class FastStepRunner:
         A count kept as frames are added, so that another thread (a node's diagnostics) reads
         it without tensor work: a PyTorch op from a second thread starts a second OpenMP team,
         whose spinning workers took the cores from the inference thread's (node compute 220
-        instead of 155 ms per frame, Intel VM, session 11)."""
+        instead of 160 ms per frame, Intel VM, session 11)."""
         return sum(g.exact_count for g in self.groups)
 
     @property

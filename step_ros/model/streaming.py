@@ -373,7 +373,6 @@ class StreamingEngine(ScheduledEngine):
         # The window lives with the heads: tokens cross to their device once, when pushed.
         self.window = StreamingWindow(manifest.frames, shape, device=model_device(model))
 
-
     def warm_up(self) -> float:
         """One blank frame through the backbone and the head runner, then forgotten: the lazy
         set-up (graph sessions, packed weights, the fast engine's caches and its kernel timing,

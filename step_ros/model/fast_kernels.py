@@ -14,10 +14,13 @@ two implementations are interchangeable and give the same numbers to float32 rou
 PyTorch runs anywhere (CPU and CUDA).  ONNX Runtime (CPU only) runs the same arithmetic
 through MLAS, whose fp32 GEMM is about twice as fast as PyTorch's MKL on the AMD VMs: its graphs
 have fixed shapes, read the group's tensors in place and write straight into the block cache
-(I/O binding, no copies).  ``step-ros bench`` measures one against the other.
+(I/O binding, no copies).  On an Intel Xeon, where MKL takes its AVX-512 code, PyTorch's were
+the faster; ``auto`` times both on the machine (:func:`make_kernels`), and ``step-ros bench``
+shows each.
 
-Both work one frame slot at a time (``n x n`` blocks of all heads at once), so their scratch
-memory is a few blocks, not a copy of the cache.
+Both work a frame slot at a time (ONNX Runtime: the ``n x n`` blocks of all heads at once;
+PyTorch: one STEP head's at a time), so their scratch memory is a few blocks, not a copy of the
+cache.
 """
 
 from __future__ import annotations

@@ -57,8 +57,8 @@ one frame, ``2T - 1`` new ``n x n`` blocks per attention head (a GEMM, a row max
 (``T^2 H n^2`` multiply-adds: memory-bound, it reads each stored block once) and small
 ``O(T^2 H n)`` log-domain bookkeeping.  Memory: ``K H T^2 n^2`` float32 for the blocks
 (~403 MB per STEP head for ViT-S, T=16, n=256, H=6), see :meth:`FastStepRunner.memory_bytes`.
-The block creation and the GEMV are the two kernels of :mod:`.fast_kernels` (PyTorch, or ONNX
-Runtime on CPUs); everything else here is PyTorch.
+The block creation and the GEMV are the two kernels of :mod:`.fast_kernels` (PyTorch or ONNX
+Runtime, whichever is faster on the machine); everything else here is PyTorch.
 
 The block cache is indexed by *frame slot*, not by position, so it is independent of the
 window order: the same cache serves any order of the same frames (e.g. reversed).

@@ -381,6 +381,10 @@ def _message(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .model.device import flush_denormals
+
+    if getattr(args, "flush_denormals", True):  # (step-ros bench --no-flush-denormals measures without)
+        flush_denormals()  # before any PyTorch op starts its worker threads, so that they inherit it
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("step_ros").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # not third parties
     from .training.train import TrainingInterrupted

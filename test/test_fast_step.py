@@ -180,6 +180,75 @@ def test_onnxruntime_and_torch_kernels_agree(qk_scale):
         assert (runner.exact_rows > 0) == (qk_scale > 1)
 
 
+@pytest.mark.parametrize("kernels", ["torch", "onnxruntime"])
+def test_sharp_attention_leaves_no_denormals_in_the_caches(kernels):
+    """Huge tokens put most ``exp`` arguments far below -87.  Below that PyTorch's exp leaves its
+    fast path and results turn denormal, each a microcode assist in every later product: three
+    ViT-S heads took 900 instead of 100 ms per frame at token scale 10.  The engine floors every
+    exp argument (fast_kernels.EXP_FLOOR), so the blocks, the positional factors and the row
+    weights hold normal numbers (or exact zeros), and the predictions still equal a float64
+    forward."""
+    if kernels == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    heads = {k: h for k, h in make_heads(qk_scale=5.0).items() if k.startswith("step")}
+    runner = FastStepRunner(heads, kernels=kernels)
+    torch.manual_seed(2)
+    frames = torch.randn(2 * T, 1 + N_TOK, D) * 10  # ~80 % of the block entries under 1e-30, ~9 % exact rows
+    tiny = torch.finfo(torch.float32).tiny
+    for i in range(len(frames)):
+        runner.add_frame(i, frames[i])
+        if i < T - 1:
+            continue
+        ids = np.arange(i - T + 1, i + 1)
+        out = runner.predict(frames[ids], ids)
+        with torch.inference_mode():
+            for task, head in heads.items():
+                truth = head.double()(frames[ids][None].double())[0]
+                head.float()
+                torch.testing.assert_close(out[task].double(), truth, rtol=1e-4, atol=1e-4 * truth.abs().max().item())
+        for g in runner.groups:
+            E = g.E.masked_fill(g.exact[..., None], 1.0)  # exact rows hold logits, not weights
+            for name, t in (("E", E), ("U", g.U), ("r'", g.r_buf)):
+                denormal = (t != 0) & (t.abs() < tiny)
+                assert not bool(denormal.any()), f"{name}: {int(denormal.sum())} denormal values"
+            assert float(E.min()) < 1e-30  # the floor was reached: sharp enough to have mattered
+    assert runner.fallbacks == 0
+
+
+def test_flush_denormals_reaches_the_threads_started_after_it():
+    """FTZ/DAZ set first thing (as the command line and the node do) holds in PyTorch's OpenMP
+    workers too, which copy the flag when the first parallel op starts them, and survives the
+    first ONNX Runtime session; set later it holds only in the calling thread.  1e-20 * 1e-20 is
+    a denormal, flushed to 0."""
+    pytest.importorskip("onnxruntime")
+    code = """
+import sys, torch
+from step_ros.model.device import flush_denormals
+if sys.argv[1] == "first":
+    assert flush_denormals()
+torch.set_num_threads(2)
+x = torch.full((1 << 20,), 1e-20)
+before = int((x * 1e-20).count_nonzero())  # the product runs on both threads
+if sys.argv[1] == "late":
+    flush_denormals()
+else:  # the process's first ONNX Runtime session sets the creating thread's mode: it must keep it
+    from step_ros.deploy.peak import onnxruntime_gemm_gflops
+    onnxruntime_gemm_gflops(size=64, repeats=1)
+print(before, int((x * 1e-20).count_nonzero()))
+"""
+    import subprocess
+    import sys
+
+    def run(mode: str) -> list[int]:
+        done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return [int(v) for v in done.stdout.split()]
+
+    assert run("first") == [0, 0]
+    before, after = run("late")
+    assert before == 1 << 20 and 0 < after < 1 << 20  # late: the main thread's share only
+
+
 def test_a_filling_window_has_no_exact_rows():
     """Blocks against empty slots are made (and never read) while the window fills: they must
     not be taken for sharp rows (they were, and a node then spent seconds per frame)."""
@@ -366,3 +435,16 @@ def test_fallback_sweep_reports_no_fallback_and_the_error():
     assert [r["name"] for r in rows] == ["fallback sweep: tiny, tokens x1", "fallback sweep: tiny, tokens x10"]
     assert [r["fallbacks"] for r in rows] == [0, 0] and all(r["predictions"] == 3 for r in rows)
     assert all(r["max_abs_dlogit"] <= 1e-5 * max(1.0, r["max_abs_logit"]) for r in rows)
+    assert all(r["ms_frame"] > 0 for r in rows)
+
+
+def test_the_command_line_flushes_denormals_before_its_threads_start():
+    """``step-ros`` sets FTZ/DAZ before any command's first PyTorch op (see flush_denormals)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from step_ros.cli import main; main(['params', '--arch', 'dinov2_vits14']); "
+            "torch.set_num_threads(2); print(int((torch.full((1 << 20,), 1e-20) * 1e-20).count_nonzero()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "0"

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..model.backbone import Backbone, as_frames, preprocess_frames, state_fingerprint
+from ..model.device import keep_denormal_mode
 from .export import (
     DEFAULT_OPSET,
     EXPORT_FORMAT,
@@ -242,6 +243,7 @@ class OnnxRuntimeEncoder(Encoder):
         # the backbone, and ONNX Runtime's spinning workers would take their CPU time.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
+        keep_denormal_mode(opts)
         self.onnx_path = Path(onnx_path)
         self.session = ort.InferenceSession(str(self.onnx_path), sess_options=opts, providers=providers)
         self._new_session = lambda path: ort.InferenceSession(str(path), sess_options=opts, providers=providers)

@@ -229,7 +229,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     peaks = measure_gemm_peaks(int8=args.int8)
     peak = peaks["fp32"]
-    rows: list[dict] = [{"name": "GEMM peak (2048^3)", "gflop_s": peak, "peaks": peaks, "threads": args.threads}]
+    rows: list[dict] = [{"name": "GEMM peak (2048^3)", "gflop_s": peak, "peaks": peaks, "threads": args.threads,
+                         "flush_denormals": getattr(args, "flush_denormals", True)}]
     variants = fast_variants(args.baseline_engine)
     t, k = args.frames, args.interval
     if not args.node_only:  # rows 1-4, 6
@@ -312,13 +313,14 @@ def print_bench(result: dict) -> None:
     table = []
     for r in result["rows"]:
         if "gflop_s" in r and "ms_median" not in r:
-            table.append([r["name"], f"{r['gflop_s']:.0f} GFLOP/s", "", "", "", describe_peaks(r["peaks"])])
+            ftz = "" if r.get("flush_denormals", True) else "; denormals NOT flushed (--no-flush-denormals)"
+            table.append([r["name"], f"{r['gflop_s']:.0f} GFLOP/s", "", "", "", describe_peaks(r["peaks"]) + ftz])
             continue
         if "skipped" in r or "node" in r:
             table.append([r["name"], r.get("skipped", "see node table"), "", "", "", ""])
             continue
         if "scale" in r:  # fallback sweep
-            table.append([r["name"], "-", "-", "-", "-",
+            table.append([r["name"], f"{r['ms_frame']:.1f}", "-", "-", "-",
                           f"fallbacks={r['fallbacks']}, exact_rows={r['exact_rows']}, "
                           f"max|dlogit|={r['max_abs_dlogit']:.2g} (max|logit| {r['max_abs_logit']:.3g})"])
             continue
@@ -369,6 +371,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-engine", type=Path, default=None,
                         help="an earlier step_ros/model/fast_step.py, timed as 'before' in the same run "
                              "(git show REV:step_ros/model/fast_step.py > before.py)")
+    parser.add_argument("--flush-denormals", action=argparse.BooleanOptionalAction, default=True,
+                        help="FTZ/DAZ in PyTorch's threads, as every step-ros command and the node run "
+                             "(step_ros.model.device.flush_denormals); --no-flush-denormals shows what it buys")
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                         help="fallback sweep over token scales 1, 3, 10 and the demo model's trained heads")
     parser.add_argument("--cache", type=Path, default=Path("runs/onnx-cache"))

@@ -42,6 +42,7 @@ import torch
 
 from step_ros.deploy.export import max_abs_error, worst_error
 from step_ros.deploy.peak import describe_peaks, measure_gemm_peaks, time_ms
+from step_ros.model.device import keep_denormal_mode
 from step_ros.model.fast_step import FastStepRunner, reference_step_logits
 from step_ros.model.heads import StepHead
 
@@ -268,7 +269,8 @@ def bench_block_pass(dim: int = 384, n: int = 256, frames: int = 16, num_heads: 
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = torch.get_num_threads()
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(model.SerializeToString(), keep_denormal_mode(opts),
+                                        providers=["CPUExecutionProvider"])
 
         s32 = session(TensorProto.FLOAT)
         e32, r32 = E.numpy(), r.numpy()
@@ -288,7 +290,9 @@ def sweep_fallbacks(heads: dict[str, torch.nn.Module], tokens: torch.Tensor, sca
                     make_runner: Callable[[Any], Any] = FastStepRunner) -> list[dict]:
     """For each token scale: stream ``tokens * scale`` through a fresh fast runner (every other
     window reversed) and compare each prediction with the heads' own forward (fused SDPA,
-    float32).  Rows: fallbacks, exact rows, max |delta logit| and the largest |logit|.
+    float32).  Rows: fallbacks, exact rows, max |delta logit|, the largest |logit|, and the
+    engine's median ms per new frame (``add_frame`` + ``predict``, over the ``predictions``
+    frames; sharp attention once made it 9x slower: denormals, see ``fast_kernels.EXP_FLOOR``).
     ``make_runner``: e.g. an earlier engine's ``FastStepRunner`` (:func:`load_engine_module`)."""
     frames = next(h.frames for h in heads.values())
     rows = []
@@ -296,21 +300,24 @@ def sweep_fallbacks(heads: dict[str, torch.nn.Module], tokens: torch.Tensor, sca
         for scale in scales:
             runner = make_runner(heads)
             x = tokens[: frames + predictions - 1] * scale
-            worst, biggest = 0.0, 0.0
+            worst, biggest, times = 0.0, 0.0, []
             for i in range(len(x)):
+                start = time.perf_counter()
                 runner.add_frame(i, x[i])
                 if i < frames - 1:
                     continue
                 ids = np.arange(i - frames + 1, i + 1)
                 ids = ids[::-1].copy() if i % 2 else ids
                 out = runner.predict(x[ids], ids)
+                times.append(time.perf_counter() - start)
                 for task, head in heads.items():
                     ref = head(x[ids][None])[0]
                     worst = worst_error([worst, max_abs_error(out[task], ref)])
                     biggest = max(biggest, float(ref.abs().max()))
             rows.append({"name": f"fallback sweep: {label}, tokens x{scale:g}", "scale": scale,
                          "fallbacks": runner.fallbacks, "exact_rows": getattr(runner, "exact_rows", 0),
-                         "max_abs_dlogit": worst, "max_abs_logit": biggest, "predictions": predictions})
+                         "max_abs_dlogit": worst, "max_abs_logit": biggest, "predictions": predictions,
+                         "ms_frame": 1e3 * float(np.median(times))})
     return rows
 
 
@@ -326,7 +333,8 @@ def format_rows(rows: list[dict]) -> str:
             out.append(f"{r['name']:<58} {r['ms_median']:8.1f} ms  {r['gb_read']:.2f} GB  {r['gb_s']:.1f} GB/s")
         elif "scale" in r:
             out.append(f"{r['name']:<58} fallbacks {r['fallbacks']}  exact rows {r['exact_rows']}  "
-                       f"max|dlogit| {r['max_abs_dlogit']:.1e} (max|logit| {r['max_abs_logit']:.3g})")
+                       f"max|dlogit| {r['max_abs_dlogit']:.1e} (max|logit| {r['max_abs_logit']:.3g})  "
+                       f"{r['ms_frame']:.1f} ms per frame")
         else:
             line = (f"{r['name']:<52} {r['ms_median']:8.1f} ms (p95 {r['ms_p95']:7.1f})"
                     f"  x{r['ratio_to_naive']:.3f} of naive  {r['gflop']:6.2f} GFLOP  {r['gflop_s']:6.1f} GFLOP/s"

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ..model.backbone import Backbone, state_fingerprint
+from ..model.device import keep_denormal_mode
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def _ort_session(path: Path, threads: int | None = None):
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=keep_denormal_mode(opts), providers=["CPUExecutionProvider"])
 
 
 def _io_spec(session) -> tuple[list[dict], list[dict]]:

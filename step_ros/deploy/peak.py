@@ -17,6 +17,8 @@ import time
 import numpy as np
 import torch
 
+from ..model.device import keep_denormal_mode
+
 
 def time_ms(fn, repeat: int, warmup: int = 1) -> list[float]:
     """Wall time of ``repeat`` calls of ``fn`` in ms, after ``warmup`` untimed calls (allocation,
@@ -80,7 +82,7 @@ def onnxruntime_gemm_gflops(size: int = 2048, repeats: int = 7, threads: int | N
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads or torch.get_num_threads())
     opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), keep_denormal_mode(opts), providers=["CPUExecutionProvider"])
     return 2.0 * size**3 / _best_seconds(lambda: session.run(None, {"a": a}), repeats) / 1e9
 
 

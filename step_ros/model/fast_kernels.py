@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .device import keep_denormal_mode
+
 if TYPE_CHECKING:
     from .fast_step import _StepGroup
 
@@ -48,6 +50,21 @@ AUTO_MIN_TOKENS = 128
 
 #: Timed rounds (after an untimed one) per candidate when ``auto`` measures the kernels.
 AUTO_ROUNDS = 3
+
+#: The floor put under every argument of ``exp`` in the engine: ``exp(-87) = 1.6e-38`` is still a
+#: normal float32.  Below about -87.3 PyTorch's vectorised ``exp`` leaves its fast path, ~100x
+#: slower (12.6 against 0.12 ms per 393k values, one thread, Intel Xeon), with or without
+#: flush-to-zero, and ONNX Runtime's ``Exp`` 3-10x; sharp attention (large tokens, trained heads)
+#: puts a third of a block's entries there (three ViT-S heads at token scale 10: 900 instead of
+#: 100 ms per frame).  A weight raised from below ``1.6e-38`` to it changes nothing the engine's
+#: bound does not already allow: an entry under ``1e-38`` weighs under ``1e-38 e^60`` of its row
+#: (:mod:`.fast_step`, "Numerical safety").
+EXP_FLOOR = -87.0
+
+
+def floored_exp_(x: torch.Tensor) -> torch.Tensor:
+    """``exp`` in place, its argument floored at :data:`EXP_FLOOR` (the fast path, normal results)."""
+    return x.clamp_(min=EXP_FLOOR).exp_()
 
 
 def resolve_kernels(kernels: str, device: torch.device, tokens: int | None = None) -> str:
@@ -86,8 +103,9 @@ def host_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 def cpu_session_options(threads: int | None = None) -> Any:
     """ONNX Runtime options for graphs that share the CPU with PyTorch: as many intra-op threads
-    as PyTorch's, one graph node at a time, and workers that sleep when idle (spinning ones took
-    the CPU time of PyTorch's OpenMP threads: 160 instead of 91 ms for three heads, session 7)."""
+    as PyTorch's, one graph node at a time, workers that sleep when idle (spinning ones took
+    the CPU time of PyTorch's OpenMP threads: 160 instead of 91 ms for three heads, session 7),
+    and the process's denormal mode (:func:`~step_ros.model.device.keep_denormal_mode`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -96,7 +114,7 @@ def cpu_session_options(threads: int | None = None) -> Any:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return opts
+    return keep_denormal_mode(opts)
 
 
 class TorchKernels:
@@ -132,12 +150,12 @@ class TorchKernels:
                         (E[s, x, k], a[s, k], bT[x, k], Ut[x, k], g.mc[s, k], eu_col[s, k])):  # column block (s, x)
                     torch.matmul(q, key, out=block)
                     torch.amax(block, -1, out=m)
-                    block.sub_(m[..., None]).exp_()
+                    floored_exp_(block.sub_(m[..., None]))
                     torch.matmul(block, u, out=eu)
         for eu, low, target in ((self.eu_row, g.minr, M[x]), (self.eu_col, g.minc, M[:, x])):
             eu.log_()
-            torch.amin(eu, -1, out=low.view(T, K * H, n))
             target.copy_(eu.permute(0, 3, 1, 2))
+            torch.amin(target, 1, out=low.view(T, K * H, n))  # over P, a middle axis: 10x faster than over 16 last
 
     def columns(self) -> torch.Tensor:
         g = self.g
@@ -171,7 +189,7 @@ class OnnxRuntimeKernels:
     # -- graphs -------------------------------------------------------------------------------
     def _create_graph(self) -> Any:
         """Per slot s: row block (x, s) from ``a_x`` and ``bT_s``, column block (s, x) from
-        ``a_s`` and ``bT_x``; each MatMul -> ReduceMax -> Sub -> Exp -> MatMul(U) -> Log ->
+        ``a_s`` and ``bT_x``; each MatMul -> ReduceMax -> Sub -> Max(floor) -> Exp -> MatMul(U) -> Log ->
         ReduceMin, and the log transposed to (P, KH, n) for ``M``.  One small graph per slot keeps
         ONNX Runtime's intermediates at a few blocks."""
         from onnx import TensorProto, helper
@@ -187,7 +205,8 @@ class OnnxRuntimeKernels:
                 nodes += [
                     helper.make_node("MatMul", [q, k], [f"{p}_S"]),
                     helper.make_node("ReduceMax", [f"{p}_S"], [f"{p}_m"], axes=[-1], keepdims=1),
-                    helper.make_node("Sub", [f"{p}_S", f"{p}_m"], [f"{p}_D"]),
+                    helper.make_node("Sub", [f"{p}_S", f"{p}_m"], [f"{p}_D0"]),
+                    helper.make_node("Max", [f"{p}_D0", "exp_floor"], [f"{p}_D"]),
                     helper.make_node("Exp", [f"{p}_D"], [f"{p}_E"]),
                     helper.make_node("MatMul", [f"{p}_E", u], [f"{p}_EU0"]),
                     helper.make_node("Log", [f"{p}_EU0"], [f"{p}_EU"]),
@@ -198,7 +217,8 @@ class OnnxRuntimeKernels:
         graph = helper.make_graph(
             nodes, "step_blocks",
             [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs],
-            [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs])
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+            initializer=[helper.make_tensor("exp_floor", TensorProto.FLOAT, [], [EXP_FLOOR])])
         return self._model(graph)
 
     def _project_graph(self) -> Any:
@@ -329,5 +349,5 @@ def make_kernels(kernels: str, group: _StepGroup) -> tuple[TorchKernels | OnnxRu
     return min(candidates, key=lambda c: timings[c.name]), timings
 
 
-__all__ = ["AUTO_MIN_TOKENS", "AUTO_ROUNDS", "KERNELS", "OnnxRuntimeKernels", "TorchKernels", "cpu_session_options",
-           "host_zeros", "make_kernels", "resolve_kernels"]
+__all__ = ["AUTO_MIN_TOKENS", "AUTO_ROUNDS", "EXP_FLOOR", "KERNELS", "OnnxRuntimeKernels", "TorchKernels", "cpu_session_options",
+           "floored_exp_", "host_zeros", "make_kernels", "resolve_kernels"]

@@ -83,6 +83,14 @@ Numerical safety: exact for any logit spread, with no fallback.  Three rules.
   ``0 - small`` as in a plain softmax's ``s - max(s)``.  Summing the large terms first would
   cost ``ulp(|s|)`` in every weight: a few percent at logits of 1e4.
 
+* Speed holds for sharp heads too.  Every ``exp`` argument is floored at
+  :data:`~step_ros.model.fast_kernels.EXP_FLOOR` (-87: ``exp`` = 1.6e-38, still a normal float32),
+  and ``step-ros`` and the node flush denormals to zero
+  (:func:`~step_ros.model.device.flush_denormals`).  Both only move values under the 1e-38 that
+  the bound above already counts as lost, and they keep sharp attention off the CPU's slow
+  paths: an ``exp`` below -87.3 and every multiply with a denormal (three ViT-S heads at token
+  scale 10 took 900 ms per frame without them, ~100 ms with them; decision 36).
+
 Measured against a float64 forward over query/key scales 1-40 and token scales 1-30 (test
 ``test_no_fallback_at_any_logit_spread``), the error stays at the fused SDPA forward's own
 float32 error.  Non-finite tokens or weights still give the reference forward, counted in
@@ -105,7 +113,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .fast_kernels import host_zeros, make_kernels, resolve_kernels
+from .fast_kernels import EXP_FLOOR, floored_exp_, host_zeros, make_kernels, resolve_kernels
 from .heads import MultiHeadAttention, StepHead, pool_patch_grid
 
 log = logging.getLogger(__name__)
@@ -241,7 +249,7 @@ class _StepGroup:
             "M": ((T, T, T, K, H, n), f32),  # [G, F, P, ., ., j]: log(E_j . U^F[:, P])
             "a": ((T, K, H, n, d), f32),  # query content + c_bar (scaled), per slot
             "bT": ((T, K, H, d, n), f32),  # key content, transposed
-            "u": ((T, K, H, n, d), f32),  # value content
+            "u": ((K, H, T, n, d), f32),  # value content, head-major: (K H) batches of (T n) x d for pooling
             "beta": ((T, T, K, H, n), f32),  # [G, P', ., ., j]: a_j . c'_{P'}
             "delta": ((T, K, H, n), f32),  # a_j . k_g   (query content vs CLS key)
             "eps": ((T, K, H, n), f32),  # q_g . b_l   (CLS query vs key content)
@@ -296,14 +304,14 @@ class _StepGroup:
         b = qkv[1]
         self.a[x] = a
         self.bT[x] = b.transpose(-1, -2)
-        self.u[x] = qkv[2]
+        self.u[:, :, x] = qkv[2]
         self.beta[x] = torch.matmul(self.ck, a.transpose(-1, -2)).permute(2, 0, 1, 3)  # (P', K, H, n)
         gamma = torch.matmul(self.cq, b.transpose(-1, -2))  # (K, H, P, n)
         gmx = gamma.amax(-1, keepdim=True)
         self.mu[:, x] = gmx[..., 0].permute(2, 0, 1)
         log_u = (gamma - gmx).permute(2, 0, 1, 3)  # (P, K, H, n)
         self.logU[:, x] = log_u
-        torch.exp(log_u, out=self.U[:, x])
+        torch.clamp(log_u, min=EXP_FLOOR, out=self.U[:, x]).exp_()  # (logU keeps the unfloored values)
         self.Ut[x] = self.U[:, x].permute(1, 2, 3, 0)
         self.delta[x] = torch.einsum("khnd,khd->khn", a, self.kg)
         self.eps[x] = torch.einsum("khnd,khd->khn", b, self.qg)
@@ -376,23 +384,24 @@ class _StepGroup:
         cls_key = cls_key - ref
         torch.add(big, M, out=t)
         top = torch.maximum(t.amax(1), cls_key)  # the row's largest term, less ref
-        t.sub_(top[:, None]).exp_()
-        small = torch.log(t.sum(1).add_(torch.exp(cls_key - top))).add_(top)  # log Z_j - ref
+        floored_exp_(t.sub_(top[:, None]))
+        small = torch.log(t.sum(1).add_(floored_exp_(cls_key - top))).add_(top)  # log Z_j - ref
         log_r = big.sub_(small[:, None])  # log r' (G, F, K, H, n)
-        torch.exp(log_r, out=self.r_buf)
+        torch.clamp(log_r, min=EXP_FLOOR, out=self.r_buf).exp_()
         if exact is not None:
             log_r_exact = log_r[exact]
             self.r_buf[exact] = 0.0  # their E rows hold S - m: kept out of the GEMV
         col = self.kernels.columns()  # (F, K, H, n): sum_G U * (r' E), the one pass over the cache
         if exact is not None:
             self._exact_columns(exact, pos, log_r_exact, col)
-        wg = torch.exp(cls_key - small).sum((0, 3))  # (K, H): CLS key column
+        wg = floored_exp_(cls_key - small).sum((0, 3))  # (K, H): CLS key column
         # the CLS query's own row, directly
         sg = self.eps + self.cls_query_pos[pos][..., None]  # (F, K, H, n)
         row = torch.cat([sg.permute(1, 2, 0, 3).reshape(K, H, T * n), self.s_gg[..., None]], dim=-1).softmax(-1)
         col = col + row[..., :-1].reshape(K, H, T, n).permute(2, 0, 1, 3)
         wg = wg + row[..., -1]
-        out = torch.einsum("fkhl,fkhld->khd", col, self.u)
+        out = torch.bmm(col.permute(1, 2, 0, 3).reshape(K * H, 1, T * n), self.u.view(K * H, T * n, self.d))
+        out = out.view(K, H, self.d)  # sum_F W^F u_F, with no copy of u (einsum made one, 4.7 MB a frame)
         out = out + torch.einsum("fkh,khfd->khd", col.sum(-1), self.cv[:, :, pos])
         out = (out + wg[..., None] * self.vg) / (1 + T * n)
         pooled = torch.baddbmm(self.proj_b[:, None], out.reshape(K, 1, self.D), self.proj_w.transpose(1, 2))[:, 0]
@@ -414,8 +423,12 @@ class _StepGroup:
     def _exact_lse(self, exact: tuple[torch.Tensor, ...], pos: torch.Tensor) -> torch.Tensor:
         """``log sum_l exp(x_l)`` of every exact row: its ``M`` at the current position."""
         count = exact[0].numel()
-        return torch.cat([torch.logsumexp(self._exact_x(exact, pos, lo, min(count, lo + self._EXACT_CHUNK)), -1)
-                          for lo in range(0, count, self._EXACT_CHUNK)])
+        out = []
+        for lo in range(0, count, self._EXACT_CHUNK):
+            x = self._exact_x(exact, pos, lo, min(count, lo + self._EXACT_CHUNK))
+            top = x.amax(-1, keepdim=True)  # torch.logsumexp, with its exp kept on the fast path
+            out.append(floored_exp_(x.sub_(top)).sum(-1).log_().add_(top[:, 0]))
+        return torch.cat(out)
 
     def _exact_columns(self, exact: tuple[torch.Tensor, ...], pos: torch.Tensor, log_r: torch.Tensor,
                        col: torch.Tensor) -> None:
@@ -426,7 +439,7 @@ class _StepGroup:
         count = ff.numel()
         for lo in range(0, count, self._EXACT_CHUNK):
             hi = min(count, lo + self._EXACT_CHUNK)
-            x = self._exact_x(exact, pos, lo, hi).add_(log_r[lo:hi, None]).exp_()
+            x = floored_exp_(self._exact_x(exact, pos, lo, hi).add_(log_r[lo:hi, None]))
             flat.index_add_(0, target[lo:hi], x)
 
     def flops_per_frame(self, n: int) -> float:

@@ -777,6 +777,9 @@ def main(args: list[str] | None = None) -> int:
     """
     from rclpy.signals import SignalHandlerOptions
 
+    from step_ros.model.device import flush_denormals
+
+    flush_denormals()  # before any PyTorch op starts its worker threads, so that they inherit it
     state = {"stop": False, "raise": True}
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -147,11 +147,12 @@ class TorchKernels:
             for k in range(K):
                 for block, q, key, u, m, eu in (
                         (E[x, s, k], a[x, k], bT[s, k], Ut[s, k], g.mr[s, k], eu_row[s, k]),  # row block (x, s)
-                        (E[s, x, k], a[s, k], bT[x, k], Ut[x, k], g.mc[s, k], eu_col[s, k])):  # column block (s, x)
-                    torch.matmul(q, key, out=block)
+                        (E[s, x, k], a[s, k], bT[x, k], Ut[x, k], g.mc[s, k], eu_col[s, k]))[:2 - (s == x)]:
+                    torch.matmul(q, key, out=block)  # (column block (s, x) with s = x: the row block again)
                     torch.amax(block, -1, out=m)
                     floored_exp_(block.sub_(m[..., None]))
                     torch.matmul(block, u, out=eu)
+        g.mc[x], eu_col[x] = g.mr[x], eu_row[x]  # block (x, x)'s statistics, made once
         for eu, low, target in ((self.eu_row, g.minr, M[x]), (self.eu_col, g.minc, M[:, x])):
             eu.log_()
             target.copy_(eu.permute(0, 3, 1, 2))

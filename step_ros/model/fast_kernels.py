@@ -55,8 +55,8 @@ AUTO_ROUNDS = 3
 #: normal float32.  Below about -87.3 PyTorch's vectorised ``exp`` leaves its fast path, ~100x
 #: slower (12.6 against 0.12 ms per 393k values, one thread, Intel Xeon), with or without
 #: flush-to-zero, and ONNX Runtime's ``Exp`` 3-10x; sharp attention (large tokens, trained heads)
-#: puts a third of a block's entries there (three ViT-S heads at token scale 10: 900 instead of
-#: 100 ms per frame).  A weight raised from below ``1.6e-38`` to it changes nothing the engine's
+#: puts over half of a block's entries there (three ViT-S heads at token scale 10: 964 instead of
+#: 101 ms per frame, with flush_denormals as well; docs/DECISIONS.md 36).  A weight raised from below ``1.6e-38`` to it changes nothing the engine's
 #: bound does not already allow: an entry under ``1e-38`` weighs under ``1e-38 e^60`` of its row
 #: (:mod:`.fast_step`, "Numerical safety").
 EXP_FLOOR = -87.0
@@ -156,7 +156,7 @@ class TorchKernels:
         for eu, low, target in ((self.eu_row, g.minr, M[x]), (self.eu_col, g.minc, M[:, x])):
             eu.log_()
             target.copy_(eu.permute(0, 3, 1, 2))
-            torch.amin(target, 1, out=low.view(T, K * H, n))  # over P, a middle axis: 10x faster than over 16 last
+            torch.amin(target, 1, out=low.view(T, K * H, n))  # over P as a middle axis: ~5x faster than as the last
 
     def columns(self) -> torch.Tensor:
         g = self.g

@@ -89,7 +89,7 @@ Numerical safety: exact for any logit spread, with no fallback.  Three rules.
   (:func:`~step_ros.model.device.flush_denormals`).  Both only move values under the 1e-38 that
   the bound above already counts as lost, and they keep sharp attention off the CPU's slow
   paths: an ``exp`` below -87.3 and every multiply with a denormal (three ViT-S heads at token
-  scale 10 took 900 ms per frame without them, ~100 ms with them; decision 36).
+  scale 10 took 964 ms per frame without them, 101 ms with them; decision 36).
 
 Measured against a float64 forward over query/key scales 1-40 and token scales 1-30 (test
 ``test_no_fallback_at_any_logit_spread``), the error stays at the fused SDPA forward's own

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -184,7 +186,7 @@ def test_onnxruntime_and_torch_kernels_agree(qk_scale):
 def test_sharp_attention_leaves_no_denormals_in_the_caches(kernels):
     """Huge tokens put most ``exp`` arguments far below -87.  Below that PyTorch's exp leaves its
     fast path and results turn denormal, each a microcode assist in every later product: three
-    ViT-S heads took 900 instead of 100 ms per frame at token scale 10.  The engine floors every
+    ViT-S heads took 964 instead of 101 ms per frame at token scale 10.  The engine floors every
     exp argument (fast_kernels.EXP_FLOOR), so the blocks, the positional factors and the row
     weights hold normal numbers (or exact zeros), and the predictions still equal a float64
     forward."""
@@ -215,6 +217,13 @@ def test_sharp_attention_leaves_no_denormals_in_the_caches(kernels):
     assert runner.fallbacks == 0
 
 
+def run_python(code: str, *args: str) -> str:
+    """stdout of ``code`` in a fresh interpreter: the denormal flag is per thread and set once."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_flush_denormals_reaches_the_threads_started_after_it():
     """FTZ/DAZ set first thing (as the command line and the node do) holds in PyTorch's OpenMP
     workers too, which copy the flag when the first parallel op starts them, and survives the
@@ -236,13 +245,9 @@ else:  # the process's first ONNX Runtime session sets the creating thread's mod
     onnxruntime_gemm_gflops(size=64, repeats=1)
 print(before, int((x * 1e-20).count_nonzero()))
 """
-    import subprocess
-    import sys
 
     def run(mode: str) -> list[int]:
-        done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        return [int(v) for v in done.stdout.split()]
+        return [int(v) for v in run_python(code, mode).split()]
 
     assert run("first") == [0, 0]
     before, after = run("late")
@@ -440,11 +445,6 @@ def test_fallback_sweep_reports_no_fallback_and_the_error():
 
 def test_the_command_line_flushes_denormals_before_its_threads_start():
     """``step-ros`` sets FTZ/DAZ before any command's first PyTorch op (see flush_denormals)."""
-    import subprocess
-    import sys
-
     code = ("import torch; from step_ros.cli import main; main(['params', '--arch', 'dinov2_vits14']); "
             "torch.set_num_threads(2); print(int((torch.full((1 << 20,), 1e-20) * 1e-20).count_nonzero()))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[-1] == "0"
+    assert run_python(code).split()[-1] == "0"

@@ -42,7 +42,7 @@ import torch
 
 from step_ros.deploy.export import max_abs_error, worst_error
 from step_ros.deploy.peak import describe_peaks, measure_gemm_peaks, time_ms
-from step_ros.model.device import keep_denormal_mode
+from step_ros.model.fast_kernels import cpu_session_options
 from step_ros.model.fast_step import FastStepRunner, reference_step_logits
 from step_ros.model.heads import StepHead
 
@@ -266,10 +266,7 @@ def bench_block_pass(dim: int = 384, n: int = 256, frames: int = 16, num_heads: 
                 [helper.make_tensor_value_info("w", elem, None)])
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
             model.ir_version = 8
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = torch.get_num_threads()
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            return ort.InferenceSession(model.SerializeToString(), keep_denormal_mode(opts),
+            return ort.InferenceSession(model.SerializeToString(), cpu_session_options(),  # the engine's own options
                                         providers=["CPUExecutionProvider"])
 
         s32 = session(TensorProto.FLOAT)

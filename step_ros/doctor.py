@@ -123,13 +123,22 @@ def check_manifest(path: Path, weights: str | None) -> tuple[str, str]:
 
 
 def check_cache(folder: Path | None) -> tuple[str, str]:
-    from .deploy.backends import default_cache_dir
+    from .resources import default_cache_dir
 
     folder = Path(folder) if folder else default_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".doctor-"):
         pass
     return OK, f"{folder} is writable (exported graphs and TensorRT engines go there)"
+
+
+def check_block_kernel() -> tuple[str, str]:
+    from .model.block_columns import load_native, native_status
+
+    if load_native() is None:  # compiled here on first use, like the node does with head_block_dtype bfloat16
+        return WARN, (f"{native_status()}; head_block_dtype:=bfloat16 then runs PyTorch ops, slower than "
+                      f"float32 blocks (install a C compiler, e.g. build-essential)")
+    return OK, native_status()
 
 
 def run_checks(manifest: Path, weights: str | None = None, engine_cache_dir: Path | None = None) -> list[Check]:
@@ -143,6 +152,7 @@ def run_checks(manifest: Path, weights: str | None = None, engine_cache_dir: Pat
         _run("TensorRT", check_tensorrt),
         _run("model (manifest, weights, heads)", lambda: check_manifest(manifest, weights)),
         _run("engine cache", lambda: check_cache(engine_cache_dir)),
+        _run("bfloat16 block kernel", check_block_kernel),
     ]
 
 

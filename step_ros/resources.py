@@ -8,6 +8,7 @@ the tools) asks here, so each finds the same model either way.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -39,4 +40,14 @@ def demo_template() -> Path:
     return models_dir() / "demo" / "template.yaml"
 
 
-__all__ = ["CHECKOUT", "demo_manifest", "demo_template", "models_dir", "share_dir"]
+__all__ = ["CHECKOUT", "default_cache_dir", "demo_manifest", "demo_template", "models_dir", "share_dir"]
+
+
+def default_cache_dir() -> Path:
+    """Where step_ros keeps what it builds on this machine (exported graphs, TensorRT engines,
+    compiled kernels): ``$STEP_ROS_CACHE_DIR``, else ``$XDG_CACHE_HOME/step_ros``, else
+    ``~/.cache/step_ros``."""
+    if os.environ.get("STEP_ROS_CACHE_DIR"):
+        return Path(os.environ["STEP_ROS_CACHE_DIR"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "step_ros"

@@ -280,7 +280,8 @@ def test_bench_command_small_configuration(tmp_path, capsys):
     result = json.loads((tmp_path / "bench.json").read_text())
     names = [r["name"] for r in result["rows"]]
     assert any(n.startswith("backbone torch") for n in names) and any("onnxruntime" in n for n in names)
-    for variant in ("before (fast_step_before.py)", "torch kernels", "onnxruntime kernels", "auto kernels"):
+    for variant in ("before (fast_step_before.py)", "torch kernels", "torch kernels, bf16 blocks", "onnxruntime kernels",
+                    "auto kernels"):
         stream = next(r for r in result["rows"] if r["name"] == f"streaming: 1 backbone pass + 3 fast heads, {variant}")
         assert stream["backbone_calls_per_new_frame"] == 1 and stream["ratio_to_baseline"] > 0
         assert stream["backbone_passes"] > 0 and stream["fallbacks"] == 0
@@ -288,7 +289,11 @@ def test_bench_command_small_configuration(tmp_path, capsys):
         assert heads["max_abs_diff_vs_sdpa"] < 1e-4 and heads["ms_add_frame"] > 0 and heads["ms_predict"] > 0
         if variant != "before (fast_step_before.py)":
             assert heads["kernels"] == stream["kernels"] == variant.split()[0].replace("auto", "torch")  # 16 tokens
-    assert sum(n.startswith("pass over 1 head's blocks") for n in names) == 4  # fp32 x2, fp16, bf16
+    assert sum(n.startswith("pass over 1 head's blocks") for n in names) == 5  # fp32 x2, fp16, bf16 x2
+    assert any(n.startswith("pass over 1 head's blocks: bf16, step_ros kernel") for n in names)
+    memory = {r["name"]: r.get("memory_mb") for r in result["rows"]}
+    bf16, f32 = (memory[f"heads only: fast STEP engine, {v} x3"] for v in ("torch kernels, bf16 blocks", "torch kernels"))
+    assert bf16 < f32  # the blocks, in half the bytes
     assert any("token_pool 2 (approximate)" in n for n in names)  # 4 x 4 grid: pools to 2 x 2
     assert (tmp_path / "bench_latency.png").stat().st_size > 0
     assert "step-ros bench" in capsys.readouterr().out

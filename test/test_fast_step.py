@@ -381,6 +381,86 @@ def test_incomplete_and_unseen_windows():
     assert sorted(runner._order) == ids.tolist()
 
 
+def bf16_logit_bound(head, window):
+    """How far bfloat16 blocks may move each logit: every attention weight within a relative 2^-8
+    of the exact one moves the mean attention output by at most ``2^-8 max_l |v_l|`` per channel
+    (the weights of a query sum to 1), and the logits by ``|W_cls W_proj|`` times that."""
+    seen = []
+
+    def capture(x):
+        seen.append(x[0])
+        return head.attn(x)
+
+    with torch.inference_mode():
+        head.pooled(window[None], attention=capture)
+        dim = seen[0].shape[-1]
+        v = torch.nn.functional.linear(seen[0], head.attn.qkv.weight[2 * dim:], head.attn.qkv.bias[2 * dim:])
+        gain = (head.classifier.weight @ head.attn.proj.weight).abs()
+        return 2.0**-8 * gain @ v.abs().amax(0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qk_scale, token_scale", [(1.0, 1.0), (5.0, 1.0), (5.0, 10.0)])
+def test_bf16_blocks_stay_within_the_stated_bound(qk_scale, token_scale, device):
+    """``block_dtype="bfloat16"`` rounds each stored weight to 8 significant bits, nothing else:
+    the logits stay within :func:`bf16_logit_bound` of the reference forward (float64), the
+    blocks take half the memory, and the rounding is real (the logits differ from float32
+    blocks').  Token scale 10 makes exact rows, whose logits are recomputed from the contents."""
+    heads = {k: h.to(device) for k, h in make_heads(qk_scale=qk_scale).items() if k.startswith("step")}
+    exact32, bf16 = FastStepRunner(heads), FastStepRunner(heads, block_dtype="bfloat16")
+    assert bf16.block_dtype == "bfloat16" and bf16.kernels == "torch"
+    torch.manual_seed(3)
+    frames = (torch.randn(2 * T, 1 + N_TOK, D) * token_scale).to(device)
+    moved = 0.0
+    for i in range(len(frames)):
+        for runner in (exact32, bf16):
+            runner.add_frame(i, frames[i])
+        if i < T - 1:
+            continue
+        ids = np.arange(i - T + 1, i + 1)
+        ids = ids[::-1].copy() if i % 2 else ids
+        out, out32 = bf16.predict(frames[ids], ids), exact32.predict(frames[ids], ids)
+        with torch.inference_mode():
+            for task, head in heads.items():
+                truth = head.double()(frames[ids][None].double())[0]
+                head.float()
+                bound = bf16_logit_bound(head, frames[ids]).double()
+                err = (out[task].double() - truth).abs()
+                slack = 1e-4 * truth.abs().max() + ATOL
+                assert bool((err <= 1.05 * bound + slack).all()), f"{task}: error {err.tolist()} > bound {bound.tolist()}"
+                moved = max(moved, float((out[task] - out32[task]).abs().max()))
+    assert moved > 0, "bfloat16 blocks gave float32's logits bit for bit: nothing was rounded"
+    assert bf16.fallbacks == 0
+    if token_scale > 1:
+        assert bf16.exact_rows > 0 and bf16.exact_rows == exact32.exact_rows
+    g16, g32 = bf16.groups[0], exact32.groups[0]
+    assert g16.E.dtype == torch.bfloat16 and g16.E.nbytes * 2 == g32.E.nbytes
+    assert bf16.memory_bytes() == exact32.memory_bytes() - g16.E.nbytes
+
+
+def test_block_dtype_is_validated():
+    heads = make_heads()
+    with pytest.raises(ValueError, match="block_dtype must be one of float32, bfloat16, not 'float16'"):
+        FastStepRunner(heads, block_dtype="float16")
+    with pytest.raises(ValueError, match="kernels='onnxruntime' stores float32 blocks"):
+        FastStepRunner(heads, kernels="onnxruntime", block_dtype="bfloat16")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm (Linux)")
+def test_block_cache_pages_exist_before_the_first_frame():
+    """The caches' pages are touched when they are allocated (the node's warm-up): a huge page
+    met at its first touch can wait for memory compaction, and a node that met them during its
+    first camera frames fell 5 s behind and dropped 25 frames."""
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    before = rss()
+    cache = fast_kernels.host_zeros((128 << 20,), torch.uint8, torch.device("cpu"))
+    assert rss() - before >= 120 << 20
+    assert int(cache[:: 1 << 20].sum()) == 0
+
+
 def test_memory_bytes_vit_s():
     """ViT-S/14 at 224, T=16, 3 STEP heads: ~403 MB of stored blocks per head."""
     heads = {f"t{i}": StepHead(384, 10, 16, 256, num_heads=6) for i in range(3)}

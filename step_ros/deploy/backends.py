@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import statistics
 import time
@@ -41,6 +40,7 @@ import torch
 
 from ..model.backbone import Backbone, as_frames, preprocess_frames, state_fingerprint
 from ..model.device import keep_denormal_mode
+from ..resources import default_cache_dir
 from .export import (
     DEFAULT_OPSET,
     EXPORT_FORMAT,
@@ -70,14 +70,6 @@ DEFAULT_PRECISION = {"torch": "fp32", "onnxruntime": "fp32", "onnxruntime-int8":
 
 class BackendUnavailable(ImportError):
     """A backend's dependency (package or hardware) is missing; the message says what to install."""
-
-
-def default_cache_dir() -> Path:
-    """``$STEP_ROS_CACHE_DIR``, else ``$XDG_CACHE_HOME/step_ros``, else ``~/.cache/step_ros``."""
-    if os.environ.get("STEP_ROS_CACHE_DIR"):
-        return Path(os.environ["STEP_ROS_CACHE_DIR"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "step_ros"
 
 
 # --------------------------------------------------------------------------- preprocessing

@@ -9,16 +9,18 @@ the int8 row against the int8 GEMM; :mod:`step_ros.deploy.peak` says why):
    per frame, preprocessing included;
 2. one prediction, streaming (one new frame's backbone pass + three exact fast STEP heads) vs
    recomputing the 16-frame clip with naive heads (today's way) and with fused-SDPA heads; the
-   streaming row once per fast-engine variant: PyTorch kernels, ONNX Runtime kernels, ``auto``
-   (the faster of the two, timed on this machine: what the node runs), and with
+   streaming row once per fast-engine variant: PyTorch kernels, PyTorch kernels with bfloat16
+   blocks (``head_block_dtype``), ONNX Runtime kernels, ``auto`` (the faster of the two, timed
+   on this machine, float32 blocks: what the node runs by default), and with
    ``--baseline-engine FILE`` an earlier engine ("before"), each in torch backbone passes;
 3. one head vs three heads on the shared window (streaming): what the second and third head add;
    and, clearly named, the approximate ``token_pool`` heads (``--token-pool``, default 2);
 4. the heads alone: naive reference vs fused SDPA vs each fast-engine variant, 1 and 3 heads,
    with add_frame / predict split, fallbacks and exact rows; then the same rows for every
-   ``--extra-arch`` (default ViT-B/14: backbone, heads alone, streaming with 3 heads), the
-   fallback sweep (token scales 1, 3, 10; random and trained heads; ``--no-sweep``) and the
-   pass over the stored blocks by storage precision (fp32, bf16, fp16);
+   ``--extra-arch`` (default ViT-B/14: backbone, heads alone, streaming with 3 heads; float32
+   and bfloat16 blocks), the fallback sweep (token scales 1, 3, 10; random and trained heads;
+   float32 and bfloat16 blocks; ``--no-sweep``) and the pass over the stored blocks by storage
+   precision (fp32, bf16, fp16);
 5. optionally (``--node``, or ``--node-only`` to skip rows 1-4 and 6) the live node over DDS: stamp ->
    /human_action latency, sustained rate, drops, postponed predictions and memory (a short
    soak; ``step-ros soak`` runs the long one); ``--node-token-pool`` gives its heads pooling;
@@ -98,7 +100,8 @@ def _variant_runner(variant: str, variants: dict, heads: dict) -> Any:
 def arch_rows(args: argparse.Namespace, arch: str, peaks: dict, variants: dict, full: bool) -> list[dict]:
     """Every row of one backbone architecture.  ``full``: the main architecture (clip rows,
     every fast-engine variant, 1 vs 3 heads, token pooling); otherwise (``--extra-arch``) the
-    backbone, the heads alone and streaming with three heads, with the default kernels."""
+    backbone, the heads alone and streaming with three heads, with the default kernels and with
+    bfloat16 blocks."""
     from ..data.synthetic import render_clip
     from ..model.fast_step import reference_step_logits
     from ..model.heads import create_head
@@ -106,7 +109,7 @@ def arch_rows(args: argparse.Namespace, arch: str, peaks: dict, variants: dict, 
     from ..model.onednn import plain_linears
     from ..model.streaming import StreamingEngine
     from .backends import create_encoder
-    from .bench_heads import bench_block_pass, bench_heads
+    from .bench_heads import BF16_VARIANT, bench_block_pass, bench_heads
     from .export import max_abs_error, worst_error
 
     peak = peaks["fp32"]
@@ -188,7 +191,8 @@ def arch_rows(args: argparse.Namespace, arch: str, peaks: dict, variants: dict, 
                         **({"kernels": runner.kernels} if hasattr(runner, "kernel_timings") else {}))
 
         default = list(variants)[-1]  # auto: what the node runs
-        stream3 = {v: streaming_row(3, v) for v in (variants if full else [default])}
+        short = [default] + [v for v in (BF16_VARIANT,) if v in variants]
+        stream3 = {v: streaming_row(3, v) for v in (variants if full else short)}
         rows += stream3.values()
         if full:
             stream1 = streaming_row(1, default)
@@ -204,7 +208,7 @@ def arch_rows(args: argparse.Namespace, arch: str, peaks: dict, variants: dict, 
                          "note": "< 1: the second and third head cost less than the first head's whole pipeline"})
 
     # 4. heads alone ------------------------------------------------------------------------
-    head_variants = variants if full else {default: variants[default]}
+    head_variants = variants if full else {v: variants[v] for v in short}
     for r in bench_heads(backbone.dim, n, t, backbone.arch.num_heads, 3, repeats=args.repeat,
                          include_naive=full, peaks=peaks, variants=head_variants)[1:]:
         extra = {key: r[key] for key in ("kernels", "memory_mb", "fallbacks", "exact_rows", "ms_add_frame",
@@ -273,8 +277,8 @@ def run_bench(args: argparse.Namespace) -> dict:
 def fallback_sweep_rows(args: argparse.Namespace) -> list[dict]:
     """The exact engine against the heads' own forward at token scales 1, 3 and 10: three
     random ViT-S-shaped heads on random tokens, and the demo model's trained heads on the
-    tokens of its own backbone (the only trained heads shipped); with ``--baseline-engine``
-    the earlier engine too, on the same tokens."""
+    tokens of its own backbone (the only trained heads shipped); the same with bfloat16
+    blocks; with ``--baseline-engine`` the earlier engine too, on the same tokens."""
     from ..data.synthetic import render_clip
     from ..model.fast_step import FastStepRunner
     from ..model.heads import StepHead
@@ -292,7 +296,8 @@ def fallback_sweep_rows(args: argparse.Namespace) -> list[dict]:
     video = render_clip("pick_up", seed=1, size=m.backbone.image_size * 2, num_frames=(m.frames + 2) * 2)
     with torch.inference_mode():
         demo_tokens = demo.backbone.encode(video[::2][: m.frames + 2])
-    engines = {"": FastStepRunner}
+    engines = {"": FastStepRunner,
+               "bf16 blocks: ": lambda heads: FastStepRunner(heads, block_dtype="bfloat16")}
     if args.baseline_engine is not None:
         engines[f"before ({args.baseline_engine.name}): "] = load_engine_module(args.baseline_engine).FastStepRunner
     rows = []

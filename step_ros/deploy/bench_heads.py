@@ -42,6 +42,7 @@ import torch
 
 from step_ros.deploy.export import max_abs_error, worst_error
 from step_ros.deploy.peak import describe_peaks, measure_gemm_peaks, time_ms
+from step_ros.model.block_columns import columns_bf16, load_native, native_status
 from step_ros.model.fast_kernels import cpu_session_options
 from step_ros.model.fast_step import FastStepRunner, reference_step_logits
 from step_ros.model.heads import StepHead
@@ -88,14 +89,19 @@ def _exec_module(name: str, path: Path) -> Any:
     return module
 
 
+#: The fast engine with bfloat16 blocks, in :func:`fast_variants`.
+BF16_VARIANT = "torch kernels, bf16 blocks"
+
+
 def fast_variants(baseline_engine: Path | None = None) -> dict[str, Callable[[Any], Any]]:
     """Label -> runner factory for each fast-engine configuration compared, baseline first and
-    the default (``auto``: the faster kernels, timed on this machine) last."""
+    the default (``auto``: the faster kernels, timed on this machine; float32 blocks) last."""
     variants: dict[str, Callable[[Any], Any]] = {}
     if baseline_engine is not None:
         module = load_engine_module(baseline_engine)
         variants[f"before ({Path(baseline_engine).name})"] = lambda heads: module.FastStepRunner(heads)
     variants["torch kernels"] = lambda heads: FastStepRunner(heads, kernels="torch")
+    variants[BF16_VARIANT] = lambda heads: FastStepRunner(heads, kernels="torch", block_dtype="bfloat16")
     try:
         import onnxruntime  # noqa: F401
 
@@ -238,9 +244,11 @@ def bench_heads(
 def bench_block_pass(dim: int = 384, n: int = 256, frames: int = 16, num_heads: int = 6,
                      repeats: int = 5) -> list[dict]:
     """The pass over one head's stored blocks (``w = r' E`` for every block), by storage
-    precision and library: fp32 (PyTorch, ONNX Runtime: what the engine does), bf16 (PyTorch)
-    and fp16 (ONNX Runtime).  Half precision would halve the bytes read; a row shows whether
-    the libraries turn that into time on this machine."""
+    precision and library: fp32 (PyTorch, ONNX Runtime: what the engine does), bf16 (PyTorch
+    ``bmm``, step_ros's compiled kernel: what the engine does for ``block_dtype="bfloat16"``)
+    and fp16 (ONNX Runtime).  Half precision halves the bytes read; the rows show which code
+    turns that into time on this machine.  (The step_ros kernel also weighs ``w`` by ``U`` and
+    sums it over the query slots, as the engine's pass does; the others stop at ``w``.)"""
     blocks = frames * frames * num_heads
     E = torch.rand(blocks, n, n)
     r = torch.rand(blocks, 1, n)
@@ -279,6 +287,10 @@ def bench_block_pass(dim: int = 384, n: int = 256, frames: int = 16, num_heads: 
         rows.append({"name": "pass over 1 head's blocks: ONNX Runtime", "skipped": str(exc)})
     Eb, rb, wb = E.bfloat16(), r.bfloat16(), w.bfloat16()
     add("bf16, PyTorch bmm", lambda: torch.bmm(rb, Eb, out=wb), gb / 2)
+    U, col = torch.rand(frames, blocks // frames, n), torch.empty(blocks // frames, n)
+    Eb, r = Eb.view(frames, -1, n, n), r.view(frames, -1, n)
+    load_native()
+    add(f"bf16, step_ros kernel ({native_status()})", lambda: columns_bf16(r, Eb, U, col), gb / 2)
     return rows
 
 

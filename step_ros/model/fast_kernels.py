@@ -18,6 +18,10 @@ have fixed shapes, read the group's tensors in place and write straight into the
 the faster; ``auto`` times both on the machine (:func:`make_kernels`), and ``step-ros bench``
 shows each.
 
+With bfloat16 blocks (``block_dtype``) PyTorch's kernel set makes each block in float32
+scratch and stores it rounded, and its pass over the blocks is the compiled kernel of
+:mod:`.block_columns`; ONNX Runtime's set keeps float32 blocks.
+
 Both work a frame slot at a time (ONNX Runtime: the ``n x n`` blocks of all heads at once;
 PyTorch: one STEP head's at a time), so their scratch memory is a few blocks, not a copy of the
 cache.
@@ -34,12 +38,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .block_columns import columns_bf16, load_native
 from .device import keep_denormal_mode
 
 if TYPE_CHECKING:
     from .fast_step import _StepGroup
 
 KERNELS = ("auto", "torch", "onnxruntime")
+
+#: How the block cache stores ``E``: ``float32`` (exact to float32 rounding) or ``bfloat16``
+#: (half the memory and half the per-prediction pass; each attention weight within a relative
+#: 2^-8 of the exact one, see :mod:`.fast_step`; PyTorch kernels only).
+BLOCK_DTYPES = ("float32", "bfloat16")
 
 
 #: Below this many (pooled) tokens per frame ``auto`` takes PyTorch without measuring: ONNX
@@ -67,17 +77,23 @@ def floored_exp_(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_(min=EXP_FLOOR).exp_()
 
 
-def resolve_kernels(kernels: str, device: torch.device, tokens: int | None = None) -> str:
+def resolve_kernels(kernels: str, device: torch.device, tokens: int | None = None,
+                    block_dtype: str = "float32") -> str:
     """Validate ``kernels``; for ``auto``, the candidates' outcome where it needs no measuring:
-    PyTorch off the CPU, without ONNX Runtime, or under :data:`AUTO_MIN_TOKENS` tokens.  Where
-    both could win it stays ``auto`` (``tokens`` None: not known yet), for :func:`make_kernels`
-    to measure."""
+    PyTorch off the CPU, without ONNX Runtime, for bfloat16 blocks, or under
+    :data:`AUTO_MIN_TOKENS` tokens.  Where both could win it stays ``auto`` (``tokens`` None:
+    not known yet), for :func:`make_kernels` to measure."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
+    if block_dtype not in BLOCK_DTYPES:
+        raise ValueError(f"block_dtype must be one of {', '.join(BLOCK_DTYPES)}, not {block_dtype!r}")
     if kernels == "onnxruntime" and device.type != "cpu":
         raise ValueError(f"kernels='onnxruntime' runs on the CPU; the heads are on {device}")
+    if kernels == "onnxruntime" and block_dtype != "float32":
+        raise ValueError(f"kernels='onnxruntime' stores float32 blocks; block_dtype={block_dtype!r} needs "
+                         f"kernels torch or auto")
     if kernels == "auto":
-        if device.type != "cpu" or (tokens is not None and tokens < AUTO_MIN_TOKENS):
+        if device.type != "cpu" or block_dtype != "float32" or (tokens is not None and tokens < AUTO_MIN_TOKENS):
             return "torch"
         try:
             import onnxruntime  # noqa: F401
@@ -87,9 +103,9 @@ def resolve_kernels(kernels: str, device: torch.device, tokens: int | None = Non
 
 
 def host_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeros; on a Linux CPU in transparent huge pages where the kernel allows it (``madvise``
-    mode): the block cache is read end to end every prediction, and 2 MiB pages spare the TLB
-    (measured: the pass over the blocks ~7 % faster)."""
+    """Zeros, every page allocated; on a Linux CPU in transparent huge pages where the kernel
+    allows it (``madvise`` mode): the block cache is read end to end every prediction, and
+    2 MiB pages spare the TLB (measured: the pass over the blocks ~7 % faster)."""
     nbytes = math.prod(shape) * dtype.itemsize
     if device.type != "cpu" or not sys.platform.startswith("linux") or nbytes < (64 << 20):
         return torch.zeros(shape, dtype=dtype, device=device)
@@ -98,7 +114,11 @@ def host_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
         buf.madvise(mmap.MADV_HUGEPAGE)
     except (AttributeError, OSError):  # no THP on this kernel: ordinary pages
         pass
-    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps buf alive
+    # Touched now, so that every page exists before the first camera frame: a huge page's first
+    # touch may wait for the kernel to compact memory, and a node that met its bfloat16 blocks'
+    # pages during its first frames fell 5 s behind and dropped 25 frames (the float32 path's
+    # start-up timing happened to touch them first).
+    return torch.frombuffer(buf, dtype=dtype).view(shape).zero_()  # the tensor keeps buf alive
 
 
 def cpu_session_options(threads: int | None = None) -> Any:
@@ -127,7 +147,13 @@ class TorchKernels:
         T, KH, n = group.T, group.K * group.H, group.n
         self.eu_row = torch.empty(T, KH, n, T, device=group.device)  # scratch: E @ U of the new row blocks
         self.eu_col = torch.empty(T, KH, n, T, device=group.device)  # and of the new column blocks
-        self.w = torch.empty(T * T * KH, 1, n, device=group.device)  # scratch: r' E, block by block
+        self.bf16 = group.E.dtype == torch.bfloat16
+        # float32 blocks are made in place in the cache; bfloat16 ones in float32 scratch (one STEP
+        # head's, 1.5 MB for ViT-S: it stays in the CPU's cache), rounded as they are stored
+        self.block = torch.empty(group.H, n, n, device=group.device) if self.bf16 else None
+        self.w = None if self.bf16 else torch.empty(T * T * KH, 1, n, device=group.device)  # r' E, per block
+        if self.bf16 and group.device.type == "cpu":
+            load_native()  # compiled now (the node's warm-up), not at the first complete window
 
     def project(self, patches: torch.Tensor) -> torch.Tensor:
         g = self.g
@@ -148,10 +174,13 @@ class TorchKernels:
                 for block, q, key, u, m, eu in (
                         (E[x, s, k], a[x, k], bT[s, k], Ut[s, k], g.mr[s, k], eu_row[s, k]),  # row block (x, s)
                         (E[s, x, k], a[s, k], bT[x, k], Ut[x, k], g.mc[s, k], eu_col[s, k]))[:2 - (s == x)]:
-                    torch.matmul(q, key, out=block)  # (column block (s, x) with s = x: the row block again)
-                    torch.amax(block, -1, out=m)
-                    floored_exp_(block.sub_(m[..., None]))
-                    torch.matmul(block, u, out=eu)
+                    work = block if self.block is None else self.block
+                    torch.matmul(q, key, out=work)  # (column block (s, x) with s = x: the row block again)
+                    torch.amax(work, -1, out=m)
+                    floored_exp_(work.sub_(m[..., None]))
+                    torch.matmul(work, u, out=eu)  # M from the unrounded E: each weight's rounding stays its own
+                    if work is not block:
+                        block.copy_(work)  # to bfloat16, rounded to nearest
         g.mc[x], eu_col[x] = g.mr[x], eu_row[x]  # block (x, x)'s statistics, made once
         for eu, low, target in ((self.eu_row, g.minr, M[x]), (self.eu_col, g.minc, M[:, x])):
             eu.log_()
@@ -161,6 +190,10 @@ class TorchKernels:
     def columns(self) -> torch.Tensor:
         g = self.g
         n = g.n
+        if self.bf16:
+            T = g.T
+            columns_bf16(g.r_buf.view(T, -1, n), g.E.view(T, -1, n, n), g.U_buf.view(T, -1, n), g.col_buf.view(-1, n))
+            return g.col_buf
         torch.bmm(g.r_buf.view(-1, 1, n), g.E.view(-1, n, n), out=self.w)
         w = self.w.view(g.U_buf.shape)
         return torch.sum(torch.mul(w, g.U_buf, out=w), 0, out=g.col_buf)
@@ -350,5 +383,5 @@ def make_kernels(kernels: str, group: _StepGroup) -> tuple[TorchKernels | OnnxRu
     return min(candidates, key=lambda c: timings[c.name]), timings
 
 
-__all__ = ["AUTO_MIN_TOKENS", "AUTO_ROUNDS", "EXP_FLOOR", "KERNELS", "OnnxRuntimeKernels", "TorchKernels", "cpu_session_options",
+__all__ = ["AUTO_MIN_TOKENS", "AUTO_ROUNDS", "BLOCK_DTYPES", "EXP_FLOOR", "KERNELS", "OnnxRuntimeKernels", "TorchKernels", "cpu_session_options",
            "floored_exp_", "host_zeros", "make_kernels", "resolve_kernels"]

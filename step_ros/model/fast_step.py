@@ -56,7 +56,8 @@ one frame, ``2T - 1`` new ``n x n`` blocks per attention head (a GEMM, a row max
 ``(n x n) @ (n x T)`` product each), then per prediction one GEMV over every stored block
 (``T^2 H n^2`` multiply-adds: memory-bound, it reads each stored block once) and small
 ``O(T^2 H n)`` log-domain bookkeeping.  Memory: ``K H T^2 n^2`` float32 for the blocks
-(~403 MB per STEP head for ViT-S, T=16, n=256, H=6), see :meth:`FastStepRunner.memory_bytes`.
+(~403 MB per STEP head for ViT-S, T=16, n=256, H=6; half in bfloat16, see "Block storage"), see
+:meth:`FastStepRunner.memory_bytes`.
 The block creation and the GEMV are the two kernels of :mod:`.fast_kernels` (PyTorch or ONNX
 Runtime, whichever is faster on the machine); everything else here is PyTorch.
 
@@ -91,6 +92,18 @@ Numerical safety: exact for any logit spread, with no fallback.  Three rules.
   paths: an ``exp`` below -87.3 and every multiply with a denormal (three ViT-S heads at token
   scale 10 took 964 ms per frame without them, 101 ms with them; decision 36).
 
+Block storage.  ``block_dtype="float32"`` (the default) is exact to float32 rounding.
+``"bfloat16"`` stores each ``E`` entry rounded to nearest bfloat16, a relative error of at most
+``2^-8``, and changes nothing else: ``M`` (the normalisers) comes from the unrounded blocks,
+exact rows and the CLS row stay in float32 (an exact row's ``S - m``, which bfloat16 could not
+hold, goes to a float32 side table instead of the block), and every sum is float32.  So each
+attention weight is within a relative ``2^-8`` (0.4 %) of the exact one, the mean attention
+output within ``2^-8 max_l |v_l|`` per channel, and the logits within ``|W_cls W_proj|``
+times that (test ``test_bf16_blocks_stay_within_the_stated_bound``).  bfloat16, not float16:
+the same exponent range as float32, so the range rules above hold unchanged.  It halves the
+cache and the bytes of the pass over it, which :mod:`.block_columns` runs as a compiled kernel
+(PyTorch has no product of a bfloat16 matrix with a float32 vector); decision 37.
+
 Measured against a float64 forward over query/key scales 1-40 and token scales 1-30 (test
 ``test_no_fallback_at_any_logit_spread``), the error stays at the fused SDPA forward's own
 float32 error.  Non-finite tokens or weights still give the reference forward, counted in
@@ -113,7 +126,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .fast_kernels import EXP_FLOOR, floored_exp_, host_zeros, make_kernels, resolve_kernels
+from .fast_kernels import BLOCK_DTYPES, EXP_FLOOR, floored_exp_, host_zeros, make_kernels, resolve_kernels
 from .heads import MultiHeadAttention, StepHead, pool_patch_grid
 
 log = logging.getLogger(__name__)
@@ -187,8 +200,12 @@ class _StepGroup:
     n tokens, d head width.  The per-position constants from the weights stay (K, H, ...).
     """
 
-    def __init__(self, tasks: list[str], heads: list[StepHead], frames: int, kernels: str = "auto") -> None:
+    def __init__(self, tasks: list[str], heads: list[StepHead], frames: int, kernels: str = "auto",
+                 block_dtype: str = "float32") -> None:
         self.tasks, self.heads, self.T = tasks, heads, frames
+        if block_dtype not in BLOCK_DTYPES:
+            raise ValueError(f"block_dtype must be one of {', '.join(BLOCK_DTYPES)}, not {block_dtype!r}")
+        self.block_dtype = block_dtype
         self.K = len(heads)
         self.pool = heads[0].token_pool
         self.H = heads[0].attn.num_heads
@@ -197,7 +214,7 @@ class _StepGroup:
         self.n: int | None = None
         self.refresh()
         self.kernels_request = kernels
-        self.kernels_name = resolve_kernels(kernels, self.device)  # validated now, final at allocate()
+        self.kernels_name = resolve_kernels(kernels, self.device, block_dtype=block_dtype)  # final at allocate()
         self.kernel_timings: dict[str, float] = {}  # what auto measured: {kernels: ms per frame}
         self.exact_count = 0  # rows flagged in ``exact``, counted by the thread that adds frames
 
@@ -242,8 +259,8 @@ class _StepGroup:
         K, H, T, d = self.K, self.H, self.T, self.d
         f32 = torch.float32
         return {
-            "E": ((T, T, K, H, n, n), f32),  # [G, F, k, h, j, l]: exp(S^{GF} - m^{GF});
-            #                                   an exact row holds S - m instead (see `exact`)
+            "E": ((T, T, K, H, n, n), getattr(torch, self.block_dtype)),  # [G, F, k, h, j, l]: exp(S^{GF} - m^{GF});
+            #                        a float32 cache's exact row holds S - m instead (see `exact`)
             "exact": ((T, T, K, H, n), torch.bool),  # rows of E kept in the log domain
             "m": ((T, T, K, H, n), f32),  # [G, F, ., ., j]: max_l S^{GF}_jl (row stabiliser of E)
             "M": ((T, T, T, K, H, n), f32),  # [G, F, P, ., ., j]: log(E_j . U^F[:, P])
@@ -272,11 +289,14 @@ class _StepGroup:
 
     def allocate(self, n: int) -> None:
         self.n = n
+        self.exact_sm: dict[tuple[int, int], torch.Tensor] = {}  # bfloat16 blocks: (G, F) -> its exact rows' S - m
+        self._exact_cat: torch.Tensor | None = None  # their concatenation, made at the next prediction
         for name, (shape, dtype) in self.cache_shapes(n).items():
             setattr(self, name, host_zeros(shape, dtype, self.device))
         slots = torch.arange(self.T, device=self.device)
         self._gf_T = ((slots[:, None] * self.T + slots[None, :]) * self.T)  # row (G*T + F)*T of M.view(T**3, ...)
-        self.kernels, self.kernel_timings = make_kernels(resolve_kernels(self.kernels_request, self.device, n), self)
+        self.kernels, self.kernel_timings = make_kernels(
+            resolve_kernels(self.kernels_request, self.device, n, self.block_dtype), self)
         self.kernels_name = self.kernels.name
         if self.kernel_timings:
             log.info("fast STEP engine: kernels auto -> %s (per frame, measured here: %s)", self.kernels_name,
@@ -326,19 +346,30 @@ class _StepGroup:
 
     def _keep_exact_rows(self, x: int, filled: torch.Tensor) -> None:
         """Flag the new blocks' rows that the factored form cannot carry exactly and put them
-        in the log domain: ``E[row] = S[row] - m[row]``.  ``filled``: (T,) bool, slots that
+        in the log domain: ``E[row] = S[row] - m[row]`` (bfloat16 blocks, which cannot hold it:
+        a float32 side table per block, :attr:`exact_sm`).  ``filled``: (T,) bool, slots that
         hold a frame (blocks with empty slots are never read, so never fixed).
 
         A row is exact-by-factoring when, for every position P, ``log r' <= -log(E_j . U[:, P])
         <= RANGE_LIMIT``: then nothing the prediction multiplies overflows, and every entry of E
         or U that underflowed weighs under ``1e-38 e^60 ~ 1e-12`` of its softmax row.
         """
+        in_e = self.E.dtype == torch.float32
+        pieces: dict[tuple[int, int], list[torch.Tensor]] = {}  # side table rows, per (G, F) block
+        if not in_e:
+            for slot in range(self.T):  # the blocks of slot x are new: their old rows go
+                self.exact_sm.pop((x, slot), None)
+                self.exact_sm.pop((slot, x), None)
+            self._exact_cat = None
         for new_is_query, low, mx in ((True, self.minr, self.mr), (False, self.minc, self.mc)):
             bad = ~(low >= -RANGE_LIMIT) & filled[:, None, None, None]  # (slot, K, H, n); NaN is bad
             if new_is_query:
                 self.exact[x] = bad
             else:
                 self.exact[:, x] = bad
+                if not in_e:
+                    bad = bad.clone()
+                    bad[x] = False  # block (x, x): its rows went in with the row blocks
             if not bool(bad.any()):
                 continue
             # S of every block with a bad row, recomputed (the kernels overwrote it with E)
@@ -349,7 +380,15 @@ class _StepGroup:
                 S = torch.matmul(self.a[q, k, h], self.bT[kslot, k, h])  # (B, n, n)
                 rows = bad[s, k, h]  # (B, n)
                 b, j = rows.nonzero(as_tuple=True)
-                self.E[q[b], kslot[b], k[b], h[b], j] = S[b, j] - mx[s[b], k[b], h[b], j, None]
+                values = S[b, j] - mx[s[b], k[b], h[b], j, None]
+                if in_e:
+                    self.E[q[b], kslot[b], k[b], h[b], j] = values
+                    continue
+                sb = s[b]  # sorted by (slot, k, h, j): each block's rows in exact.nonzero()'s order
+                for slot in torch.unique_consecutive(sb).tolist():
+                    pieces.setdefault((x, slot) if new_is_query else (slot, x), []).append(values[sb == slot])
+        for key, parts in pieces.items():
+            self.exact_sm[key] = torch.cat(parts)
 
     # -- prediction ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -418,14 +457,26 @@ class _StepGroup:
 
     def _exact_x(self, exact: tuple[torch.Tensor, ...], pos: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         gg, ff, kk, hh, jj = (i[lo:hi] for i in exact)
-        return self.E[gg, ff, kk, hh, jj] + self.logU[pos[gg], ff, kk, hh]
+        if self.E.dtype == torch.float32:
+            s_m = self.E[gg, ff, kk, hh, jj]  # S - m, stored in the row
+        else:  # bfloat16 blocks: the side table, its blocks in (G, F) order as exact.nonzero() has them
+            if self._exact_cat is None:
+                keys = sorted(self.exact_sm)
+                self._exact_cat = torch.cat([self.exact_sm[key] for key in keys]) if keys else self.E.new_zeros(
+                    (0, self.n), dtype=torch.float32)
+                if self._exact_cat.shape[0] != exact[0].numel():
+                    raise RuntimeError(f"fast STEP engine: {self._exact_cat.shape[0]} rows in the exact side table, "
+                                       f"{exact[0].numel()} flagged")
+            s_m = self._exact_cat[lo:hi]
+        return s_m + self.logU[pos[gg], ff, kk, hh]
 
     def _exact_lse(self, exact: tuple[torch.Tensor, ...], pos: torch.Tensor) -> torch.Tensor:
         """``log sum_l exp(x_l)`` of every exact row: its ``M`` at the current position."""
         count = exact[0].numel()
         out = []
-        for lo in range(0, count, self._EXACT_CHUNK):
-            x = self._exact_x(exact, pos, lo, min(count, lo + self._EXACT_CHUNK))
+        chunk = self._EXACT_CHUNK
+        for lo in range(0, count, chunk):
+            x = self._exact_x(exact, pos, lo, min(count, lo + chunk))
             top = x.amax(-1, keepdim=True)  # torch.logsumexp, with its exp kept on the fast path
             out.append(floored_exp_(x.sub_(top)).sum(-1).log_().add_(top[:, 0]))
         return torch.cat(out)
@@ -437,8 +488,9 @@ class _StepGroup:
         target = (ff * self.K + kk) * self.H + hh  # row of col.view(-1, n)
         flat = col.view(-1, col.shape[-1])
         count = ff.numel()
-        for lo in range(0, count, self._EXACT_CHUNK):
-            hi = min(count, lo + self._EXACT_CHUNK)
+        chunk = self._EXACT_CHUNK
+        for lo in range(0, count, chunk):
+            hi = min(count, lo + chunk)
             x = floored_exp_(self._exact_x(exact, pos, lo, hi).add_(log_r[lo:hi, None]))
             flat.index_add_(0, target[lo:hi], x)
 
@@ -463,10 +515,14 @@ class FastStepRunner:
 
     ``kernels``: who runs the block creation and the pass over the blocks
     (:mod:`~step_ros.model.fast_kernels`): ``onnxruntime`` (MLAS, CPU), ``torch`` (any device) or
-    ``auto``: PyTorch off the CPU and for frames under
+    ``auto``: PyTorch off the CPU, for bfloat16 blocks and for frames under
     :data:`~step_ros.model.fast_kernels.AUTO_MIN_TOKENS` tokens, otherwise whichever of the two
     is faster on this machine, timed once at the first frame (:attr:`kernel_timings`).  Same
     numbers either way.
+
+    ``block_dtype``: ``float32`` (exact to float32 rounding) or ``bfloat16`` (half the cache and
+    a faster pass over it; each attention weight within a relative ``2^-8`` of the exact one:
+    module docstring, "Block storage").
 
     Weights are read at construction: after changing a head's weights call :meth:`refresh`.
     Counters: ``fallbacks`` (fast-path predictions recomputed by the reference forward because
@@ -475,7 +531,8 @@ class FastStepRunner:
     log domain (module docstring, "Numerical safety").
     """
 
-    def __init__(self, model: Any, frames: int | None = None, kernels: str = "auto") -> None:
+    def __init__(self, model: Any, frames: int | None = None, kernels: str = "auto",
+                 block_dtype: str = "float32") -> None:
         heads = getattr(model, "heads", model)
         if not isinstance(heads, Mapping) and not isinstance(heads, nn.ModuleDict):
             raise TypeError("FastStepRunner needs a MultiTaskModel or a mapping {task: head}")
@@ -496,7 +553,9 @@ class FastStepRunner:
                 self.slow_tasks[task] = why
                 if isinstance(head, StepHead):
                     log.info("fast STEP engine: head %r uses the reference forward: %s", task, why)
-        self.groups = [_StepGroup(ts, [self.heads[t] for t in ts], self.frames, kernels) for ts in groups.values()]
+        self.block_dtype = block_dtype
+        self.groups = [_StepGroup(ts, [self.heads[t] for t in ts], self.frames, kernels, block_dtype)
+                       for ts in groups.values()]
         self.fallbacks = 0
         self.reference_predictions = 0
         self.fallback_reasons: Counter = Counter()

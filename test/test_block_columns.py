@@ -54,6 +54,18 @@ def test_without_a_compiler_pytorch_ops_give_the_same_numbers(monkeypatch, tmp_p
     assert not (tmp_path / "cache").exists()
 
 
+def test_a_cache_folder_it_cannot_write_falls_back_with_the_reason(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setattr(block_columns, "_loaded", {})
+    monkeypatch.setenv("STEP_ROS_CACHE_DIR", str(blocker))
+    assert block_columns.load_native() is None
+    assert "not-a-folder" in block_columns.native_status()
+    r, E, U = inputs(2, 3, 9)
+    out = block_columns.columns_bf16(r, E, U, torch.empty(3, 9))
+    torch.testing.assert_close(out.double(), by_hand(r, E, U), rtol=2e-6, atol=0)
+
+
 def test_the_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
     if block_columns.load_native() is None:
         pytest.skip(f"no compiled kernel here: {block_columns.native_status()}")

@@ -168,7 +168,10 @@ def load_native(cache_dir: Path | None = None) -> Any:
             key = hashlib.sha256("\0".join([C_SOURCE, cc, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
             lib = folder / f"step_columns_bf16-{key}.so"
             if not lib.exists():
-                err = _compile(cc, flags, lib)
+                try:
+                    err = _compile(cc, flags, lib)
+                except OSError as exc:  # a cache folder it cannot write (a read-only home, say)
+                    err = f"{folder}: {exc}"
                 if err is not None:
                     errors.append(err)
                     continue

@@ -322,6 +322,9 @@ class HumanActionNode(Node):
             values[name] = str(values[name]).strip().lower()
             if allowed and values[name] not in allowed:
                 raise ConfigError(f"parameter {name}: {values[name]!r} is not one of {', '.join(allowed)}")
+        if values["head_block_dtype"] != "float32" and values["head_kernels"] == "onnxruntime":
+            raise ConfigError(f"parameter head_block_dtype: {values['head_block_dtype']} blocks need head_kernels "
+                              f"torch or auto (ONNX Runtime's kernels store float32 blocks)")
         if not 0.0 < values["smoothing_alpha"] <= 1.0:
             raise ConfigError(f"parameter smoothing_alpha must be in (0, 1], got {values['smoothing_alpha']}")
         if not values["manifest"]:

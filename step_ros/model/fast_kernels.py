@@ -362,15 +362,13 @@ def make_kernels(kernels: str, group: _StepGroup) -> tuple[TorchKernels | OnnxRu
     EPYC VMs ONNX Runtime's MLAS was 1.3x faster than PyTorch's MKL (which takes its AVX2 kernels
     there), on an Intel Xeon PyTorch was 1.1x faster (DECISIONS 35).  It costs about ten frames'
     head work once, when the first frame sets the token count; both write only slot 0's blocks,
-    which that frame then makes again.  The block cache is written once first: the pass over it
-    would otherwise read pages never written, which all map to one page of zeros and time far
-    too fast.
+    which that frame then makes again.  The block cache's pages are real by then
+    (:func:`host_zeros` touches them), so the timed pass reads memory, not one shared page of zeros.
     """
     if kernels == "torch":
         return TorchKernels(group), {}
     if kernels == "onnxruntime":
         return OnnxRuntimeKernels(group), {}
-    group.E.zero_()  # every page real, as after the first T frames: unwritten pages all read one zero page
     candidates = (TorchKernels(group), OnnxRuntimeKernels(group))
     times: dict[str, list[float]] = {c.name: [] for c in candidates}
     for _ in range(1 + AUTO_ROUNDS):  # taking turns, so that a drift of the machine hits both

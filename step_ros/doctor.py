@@ -132,12 +132,15 @@ def check_cache(folder: Path | None) -> tuple[str, str]:
     return OK, f"{folder} is writable (exported graphs and TensorRT engines go there)"
 
 
-def check_block_kernel() -> tuple[str, str]:
-    from .model.block_columns import load_native, native_status
+def check_native_kernels() -> tuple[str, str]:
+    from .model.native_kernels import fused_create_available, load_native, native_status
 
-    if load_native() is None:  # compiled here on first use, like the node does with head_block_dtype bfloat16
-        return WARN, (f"{native_status()}; head_block_dtype:=bfloat16 then runs PyTorch ops, slower than "
-                      f"float32 blocks (install a C compiler, e.g. build-essential)")
+    if load_native() is None:  # compiled here on first use, as the node does in its warm-up
+        return WARN, (f"{native_status()}; head_kernels native and head_block_dtype bfloat16 then run PyTorch "
+                      f"ops, slower (install a C compiler, e.g. build-essential)")
+    if not fused_create_available(16):
+        return OK, (f"{native_status()}; the fused block creation needs AVX-512, so head_kernels native creates "
+                    f"blocks with PyTorch ops here")
     return OK, native_status()
 
 
@@ -152,7 +155,7 @@ def run_checks(manifest: Path, weights: str | None = None, engine_cache_dir: Pat
         _run("TensorRT", check_tensorrt),
         _run("model (manifest, weights, heads)", lambda: check_manifest(manifest, weights)),
         _run("engine cache", lambda: check_cache(engine_cache_dir)),
-        _run("bfloat16 block kernel", check_block_kernel),
+        _run("compiled kernels", check_native_kernels),
     ]
 
 

@@ -63,7 +63,7 @@ def test_doctor_reports_every_check_and_fails_on_a_broken_model(tmp_path):
     result = step_ros("doctor")
     assert result.returncode == 0, result.stdout + result.stderr
     for check in ("python and libraries", "ROS 2", "step_ros messages", "torch and GPU", "ONNX Runtime", "TensorRT",
-                  "model (manifest, weights, heads)", "engine cache", "bfloat16 block kernel"):
+                  "model (manifest, weights, heads)", "engine cache", "compiled kernels"):
         assert check in result.stdout, check
     assert "0 failed" in result.stdout
     broken = tmp_path / "manifest.yaml"

@@ -280,8 +280,8 @@ def test_bench_command_small_configuration(tmp_path, capsys):
     result = json.loads((tmp_path / "bench.json").read_text())
     names = [r["name"] for r in result["rows"]]
     assert any(n.startswith("backbone torch") for n in names) and any("onnxruntime" in n for n in names)
-    for variant in ("before (fast_step_before.py)", "torch kernels", "torch kernels, bf16 blocks", "onnxruntime kernels",
-                    "auto kernels"):
+    for variant in ("before (fast_step_before.py)", "torch kernels", "torch kernels, bf16 blocks", "native kernels",
+                    "native kernels, bf16 blocks", "onnxruntime kernels", "auto kernels"):
         stream = next(r for r in result["rows"] if r["name"] == f"streaming: 1 backbone pass + 3 fast heads, {variant}")
         assert stream["backbone_calls_per_new_frame"] == 1 and stream["ratio_to_baseline"] > 0
         assert stream["backbone_passes"] > 0 and stream["fallbacks"] == 0

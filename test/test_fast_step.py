@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, random_frames, tiny_manifest_dict
-from step_ros.model import fast_kernels
+from step_ros.model import fast_kernels, native_kernels
 from step_ros.model.fast_step import FastStepRunner, fast_path_unsupported, reference_step_logits
 from step_ros.model.heads import AttentiveHead, StepHead
 from step_ros.model.streaming import ReferenceRunner, StreamingEngine
@@ -90,8 +90,9 @@ def test_naive_reference_equals_step_forward():
                 torch.testing.assert_close(reference_step_logits(head, window[0]), head(window[:1])[0])
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to PyTorch on this machine)"))]
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (none visible to PyTorch on this machine)")
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -160,15 +161,17 @@ def test_pool_patch_grid_averages_neighbourhoods():
         pool_patch_grid(torch.zeros(1, 12, 1), 2)
 
 
+@pytest.mark.parametrize("other", ["onnxruntime", "native"])
 @pytest.mark.parametrize("qk_scale", [1.0, 40.0])
-def test_onnxruntime_and_torch_kernels_agree(qk_scale):
-    """The two kernel implementations (fast_kernels.py) give the same predictions, exact rows
+def test_kernel_sets_agree(qk_scale, other):
+    """The kernel implementations (fast_kernels.py) give PyTorch's predictions, exact rows
     included, and each equals the reference forward."""
-    pytest.importorskip("onnxruntime")
+    if other == "onnxruntime":
+        pytest.importorskip("onnxruntime")
     heads = make_heads(qk_scale=qk_scale)
     frames = torch.randn(2 * T, 1 + N_TOK, D)
-    runners = {k: FastStepRunner(heads, kernels=k) for k in ("torch", "onnxruntime")}
-    assert {k: r.kernels for k, r in runners.items()} == {"torch": "torch", "onnxruntime": "onnxruntime"}
+    runners = {k: FastStepRunner(heads, kernels=k) for k in ("torch", other)}
+    assert {k: r.kernels for k, r in runners.items()} == {"torch": "torch", other: other}
     for k, runner in runners.items():
         assert stream(runner, heads, frames, order=np.arange(T)[::-1].copy()) == T + 1
         assert runner.fallbacks == 0
@@ -176,13 +179,13 @@ def test_onnxruntime_and_torch_kernels_agree(qk_scale):
     a, b = (r.predict(frames[ids], ids) for r in runners.values())
     for task in a:
         torch.testing.assert_close(a[task], b[task], rtol=1e-5, atol=1e-6)
-    assert runners["torch"].exact_rows == runners["onnxruntime"].exact_rows
+    assert runners["torch"].exact_rows == runners[other].exact_rows
     for runner in runners.values():  # a count kept as frames come: other threads read it without tensor work
         assert runner.exact_rows == sum(int(g.exact.sum()) for g in runner.groups)
         assert (runner.exact_rows > 0) == (qk_scale > 1)
 
 
-@pytest.mark.parametrize("kernels", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("kernels", ["torch", "onnxruntime", "native"])
 def test_sharp_attention_leaves_no_denormals_in_the_caches(kernels):
     """Huge tokens put most ``exp`` arguments far below -87.  Below that PyTorch's exp leaves its
     fast path and results turn denormal, each a microcode assist in every later product: three
@@ -274,9 +277,10 @@ def test_kernels_are_validated():
     assert runner.kernel_timings == {}
 
 
-def test_auto_kernels_measure_both_and_keep_the_faster(monkeypatch, log_records):
-    """Which kernels are faster depends on the CPU (DECISIONS 35): ``auto`` times both at the
-    first frame, keeps the faster and says so; the timing pass leaves no trace in the results."""
+def test_auto_kernels_measure_each_and_keep_the_fastest(monkeypatch, log_records):
+    """Which kernels are faster depends on the CPU (DECISIONS 35, 38): ``auto`` times those that
+    run here at the first frame, keeps the fastest and says so; the timing pass leaves no trace
+    in the results."""
     pytest.importorskip("onnxruntime")
     monkeypatch.setattr(fast_kernels, "AUTO_MIN_TOKENS", 1)
     records = log_records("step_ros.model.fast_step", logging.INFO)
@@ -286,7 +290,8 @@ def test_auto_kernels_measure_both_and_keep_the_faster(monkeypatch, log_records)
     frames = torch.randn(2 * T, 1 + N_TOK, D)
     assert stream(runner, heads, frames) == T + 1
     timings = runner.kernel_timings
-    assert set(timings) == {"torch", "onnxruntime"} and all(t > 0 for t in timings.values())
+    expected = {"torch", "onnxruntime"} | ({"native"} if native_kernels.fused_create_available(T) else set())
+    assert set(timings) == expected and all(t > 0 for t in timings.values())
     assert runner.kernels == min(timings, key=timings.get)
     assert any(f"kernels auto -> {runner.kernels}" in r.getMessage() for r in records)
 
@@ -313,11 +318,12 @@ def test_non_default_step_config_uses_reference_forward(log_records):
 
 @pytest.mark.parametrize("qk_scale, token_scale", [(1.0, 1.0), (1.0, 3.0), (1.0, 10.0), (5.0, 10.0), (40.0, 1.0),
                                                     (40.0, 10.0), (5.0, 30.0)])
-def test_no_fallback_at_any_logit_spread(qk_scale, token_scale):
+@pytest.mark.parametrize("kernels", ["torch", "native"])
+def test_no_fallback_at_any_logit_spread(qk_scale, token_scale, kernels):
     """Sharp heads and huge tokens: no fallback, and the error against a float64 forward stays
     at the float32 SDPA forward's own (exact rows carry what the factored form cannot)."""
     heads = {k: h for k, h in make_heads(qk_scale=qk_scale).items() if k.startswith("step")}
-    runner = FastStepRunner(heads)
+    runner = FastStepRunner(heads, kernels=kernels)
     torch.manual_seed(1)
     frames = torch.randn(3 * T, 1 + N_TOK, D) * token_scale
     worst = {"fast": 0.0, "sdpa": 0.0}
@@ -399,16 +405,17 @@ def bf16_logit_bound(head, window):
         return 2.0**-8 * gain @ v.abs().amax(0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device, kernels", [("cpu", "torch"), pytest.param("cuda", "torch", marks=NEEDS_CUDA),
+                                             ("cpu", "native")])
 @pytest.mark.parametrize("qk_scale, token_scale", [(1.0, 1.0), (5.0, 1.0), (5.0, 10.0)])
-def test_bf16_blocks_stay_within_the_stated_bound(qk_scale, token_scale, device):
+def test_bf16_blocks_stay_within_the_stated_bound(qk_scale, token_scale, device, kernels):
     """``block_dtype="bfloat16"`` rounds each stored weight to 8 significant bits, nothing else:
     the logits stay within :func:`bf16_logit_bound` of the reference forward (float64), the
     blocks take half the memory, and the rounding is real (the logits differ from float32
     blocks').  Token scale 10 makes exact rows, whose logits are recomputed from the contents."""
     heads = {k: h.to(device) for k, h in make_heads(qk_scale=qk_scale).items() if k.startswith("step")}
-    exact32, bf16 = FastStepRunner(heads), FastStepRunner(heads, block_dtype="bfloat16")
-    assert bf16.block_dtype == "bfloat16" and bf16.kernels == "torch"
+    exact32, bf16 = FastStepRunner(heads), FastStepRunner(heads, kernels=kernels, block_dtype="bfloat16")
+    assert bf16.block_dtype == "bfloat16" and bf16.kernels == kernels
     torch.manual_seed(3)
     frames = (torch.randn(2 * T, 1 + N_TOK, D) * token_scale).to(device)
     moved = 0.0

@@ -819,7 +819,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "fast, or indexed for small windows in the batched pipeline")
     run.add_argument("--head-kernels", choices=KERNELS, default="auto",
                      help="who runs the heads' heavy kernels (the fast engine's blocks, or the indexed batches): "
-                          "onnxruntime (MLAS, CPU), torch (any device); auto: ONNX Runtime on a CPU when installed")
+                          "onnxruntime (MLAS, CPU), torch (any device), native (the fast engine's compiled block "
+                          "creation, CPU); auto: the fastest of those here, timed (the indexed batches: ONNX Runtime "
+                          "on a CPU when installed)")
     run.add_argument("--head-block-dtype", choices=BLOCK_DTYPES, default="float32",
                      help="the fast engine's block storage: float32 (exact) or bfloat16 (half the memory, faster "
                           "on a CPU; every attention weight within 0.4 %% of the exact one)")

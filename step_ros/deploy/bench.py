@@ -10,8 +10,9 @@ the int8 row against the int8 GEMM; :mod:`step_ros.deploy.peak` says why):
 2. one prediction, streaming (one new frame's backbone pass + three exact fast STEP heads) vs
    recomputing the 16-frame clip with naive heads (today's way) and with fused-SDPA heads; the
    streaming row once per fast-engine variant: PyTorch kernels, PyTorch kernels with bfloat16
-   blocks (``head_block_dtype``), ONNX Runtime kernels, ``auto`` (the faster of the two, timed
-   on this machine, float32 blocks: what the node runs by default), and with
+   blocks (``head_block_dtype``), step_ros's native kernels (fused, compiled block creation)
+   with float32 and bfloat16 blocks, ONNX Runtime kernels, ``auto`` (the fastest, timed on this
+   machine, float32 blocks: what the node runs by default), and with
    ``--baseline-engine FILE`` an earlier engine ("before"), each in torch backbone passes;
 3. one head vs three heads on the shared window (streaming): what the second and third head add;
    and, clearly named, the approximate ``token_pool`` heads (``--token-pool``, default 2);
@@ -109,7 +110,7 @@ def arch_rows(args: argparse.Namespace, arch: str, peaks: dict, variants: dict, 
     from ..model.onednn import plain_linears
     from ..model.streaming import StreamingEngine
     from .backends import create_encoder
-    from .bench_heads import BF16_VARIANT, bench_block_pass, bench_heads
+    from .bench_heads import BF16_VARIANT, NATIVE_BF16_VARIANT, bench_block_pass, bench_heads
     from .export import max_abs_error, worst_error
 
     peak = peaks["fp32"]
@@ -191,7 +192,9 @@ def arch_rows(args: argparse.Namespace, arch: str, peaks: dict, variants: dict, 
                         **({"kernels": runner.kernels} if hasattr(runner, "kernel_timings") else {}))
 
         default = list(variants)[-1]  # auto: what the node runs
-        short = [default] + [v for v in (BF16_VARIANT,) if v in variants]
+        # the other architectures: the default, and the PyTorch and native kernels with both storages
+        short = [v for v in ("torch kernels", BF16_VARIANT, "native kernels", NATIVE_BF16_VARIANT) if v in variants]
+        short.append(default)
         stream3 = {v: streaming_row(3, v) for v in (variants if full else short)}
         rows += stream3.values()
         if full:
@@ -277,8 +280,9 @@ def run_bench(args: argparse.Namespace) -> dict:
 def fallback_sweep_rows(args: argparse.Namespace) -> list[dict]:
     """The exact engine against the heads' own forward at token scales 1, 3 and 10: three
     random ViT-S-shaped heads on random tokens, and the demo model's trained heads on the
-    tokens of its own backbone (the only trained heads shipped); the same with bfloat16
-    blocks; with ``--baseline-engine`` the earlier engine too, on the same tokens."""
+    tokens of its own backbone (the only trained heads shipped); each with PyTorch's and the
+    native kernels, float32 and bfloat16 blocks; with ``--baseline-engine`` the earlier engine
+    too, on the same tokens."""
     from ..data.synthetic import render_clip
     from ..model.fast_step import FastStepRunner
     from ..model.heads import StepHead
@@ -296,8 +300,9 @@ def fallback_sweep_rows(args: argparse.Namespace) -> list[dict]:
     video = render_clip("pick_up", seed=1, size=m.backbone.image_size * 2, num_frames=(m.frames + 2) * 2)
     with torch.inference_mode():
         demo_tokens = demo.backbone.encode(video[::2][: m.frames + 2])
-    engines = {"": FastStepRunner,
-               "bf16 blocks: ": lambda heads: FastStepRunner(heads, block_dtype="bfloat16")}
+    engines = {f"{kernels} kernels{', bf16 blocks' if dtype == 'bfloat16' else ''}: ":
+               (lambda heads, kernels=kernels, dtype=dtype: FastStepRunner(heads, kernels=kernels, block_dtype=dtype))
+               for kernels in ("torch", "native") for dtype in ("float32", "bfloat16")}
     if args.baseline_engine is not None:
         engines[f"before ({args.baseline_engine.name}): "] = load_engine_module(args.baseline_engine).FastStepRunner
     rows = []

@@ -42,7 +42,7 @@ import torch
 
 from step_ros.deploy.export import max_abs_error, worst_error
 from step_ros.deploy.peak import describe_peaks, measure_gemm_peaks, time_ms
-from step_ros.model.block_columns import columns_bf16, load_native, native_status
+from step_ros.model.native_kernels import columns_bf16, load_native, native_status
 from step_ros.model.fast_kernels import cpu_session_options
 from step_ros.model.fast_step import FastStepRunner, reference_step_logits
 from step_ros.model.heads import StepHead
@@ -89,8 +89,10 @@ def _exec_module(name: str, path: Path) -> Any:
     return module
 
 
-#: The fast engine with bfloat16 blocks, in :func:`fast_variants`.
+#: The fast engine with bfloat16 blocks, in :func:`fast_variants`: PyTorch's block creation, and
+#: step_ros's fused one (decision 38).
 BF16_VARIANT = "torch kernels, bf16 blocks"
+NATIVE_BF16_VARIANT = "native kernels, bf16 blocks"
 
 
 def fast_variants(baseline_engine: Path | None = None) -> dict[str, Callable[[Any], Any]]:
@@ -102,6 +104,8 @@ def fast_variants(baseline_engine: Path | None = None) -> dict[str, Callable[[An
         variants[f"before ({Path(baseline_engine).name})"] = lambda heads: module.FastStepRunner(heads)
     variants["torch kernels"] = lambda heads: FastStepRunner(heads, kernels="torch")
     variants[BF16_VARIANT] = lambda heads: FastStepRunner(heads, kernels="torch", block_dtype="bfloat16")
+    variants["native kernels"] = lambda heads: FastStepRunner(heads, kernels="native")
+    variants[NATIVE_BF16_VARIANT] = lambda heads: FastStepRunner(heads, kernels="native", block_dtype="bfloat16")
     try:
         import onnxruntime  # noqa: F401
 

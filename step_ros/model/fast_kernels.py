@@ -1,5 +1,5 @@
-"""The two heavy kernels of the exact streaming STEP engine (:mod:`.fast_step`), in PyTorch or
-in ONNX Runtime.
+"""The heavy kernels of the exact streaming STEP engine (:mod:`.fast_step`), in PyTorch, in
+ONNX Runtime, or compiled by step_ros (``native``).
 
 * ``project(patches)``, per new frame: the content part of every head's qkv projection.
 * ``create(x)``, per new frame in slot ``x``: for every STEP head and attention head, the
@@ -9,8 +9,8 @@ in ONNX Runtime.
 * ``columns()``, per prediction: the one pass over every stored block, ``w = r' E``, and the
   key columns' weights ``sum_G U * w``.
 
-Both read and write the :class:`~step_ros.model.fast_step._StepGroup`'s own buffers, so the
-two implementations are interchangeable and give the same numbers to float32 rounding.
+All read and write the :class:`~step_ros.model.fast_step._StepGroup`'s own buffers, so the
+implementations are interchangeable and give the same numbers to float32 rounding.
 PyTorch runs anywhere (CPU and CUDA).  ONNX Runtime (CPU only) runs the same arithmetic
 through MLAS, whose fp32 GEMM is about twice as fast as PyTorch's MKL on the AMD VMs: its graphs
 have fixed shapes, read the group's tensors in place and write straight into the block cache
@@ -18,9 +18,14 @@ have fixed shapes, read the group's tensors in place and write straight into the
 the faster; ``auto`` times both on the machine (:func:`make_kernels`), and ``step-ros bench``
 shows each.
 
-With bfloat16 blocks (``block_dtype``) PyTorch's kernel set makes each block in float32
-scratch and stores it rounded, and its pass over the blocks is the compiled kernel of
-:mod:`.block_columns`; ONNX Runtime's set keeps float32 blocks.
+``native`` (CPU) is PyTorch's set with ``create`` replaced by the fused, compiled block creation
+of :mod:`.native_kernels` (AVX-512; where the CPU has none, PyTorch's ``create`` again): one
+pass per block in the CPU's caches instead of seven PyTorch calls (decision 38).
+
+With bfloat16 blocks (``block_dtype``) PyTorch's ``create`` makes each block in float32
+scratch and stores it rounded (the native one rounds in registers), and the pass over the
+blocks is the compiled kernel of :mod:`.native_kernels` in both; ONNX Runtime's set keeps
+float32 blocks.
 
 Both work a frame slot at a time (ONNX Runtime: the ``n x n`` blocks of all heads at once;
 PyTorch: one STEP head's at a time), so their scratch memory is a few blocks, not a copy of the
@@ -29,6 +34,7 @@ cache.
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 import sys
@@ -38,13 +44,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .block_columns import columns_bf16, load_native
+from .native_kernels import columns_bf16, create_blocks, fused_create_available, load_native, native_status
 from .device import keep_denormal_mode
 
 if TYPE_CHECKING:
     from .fast_step import _StepGroup
 
-KERNELS = ("auto", "torch", "onnxruntime")
+log = logging.getLogger(__name__)
+
+KERNELS = ("auto", "torch", "onnxruntime", "native")
 
 #: How the block cache stores ``E``: ``float32`` (exact to float32 rounding) or ``bfloat16``
 #: (half the memory and half the per-prediction pass; each attention weight within a relative
@@ -79,26 +87,20 @@ def floored_exp_(x: torch.Tensor) -> torch.Tensor:
 
 def resolve_kernels(kernels: str, device: torch.device, tokens: int | None = None,
                     block_dtype: str = "float32") -> str:
-    """Validate ``kernels``; for ``auto``, the candidates' outcome where it needs no measuring:
-    PyTorch off the CPU, without ONNX Runtime, for bfloat16 blocks, or under
-    :data:`AUTO_MIN_TOKENS` tokens.  Where both could win it stays ``auto`` (``tokens`` None:
-    not known yet), for :func:`make_kernels` to measure."""
+    """Validate ``kernels``; for ``auto``, the outcome where it needs no measuring: PyTorch off
+    the CPU or under :data:`AUTO_MIN_TOKENS` tokens.  Otherwise it stays ``auto`` (``tokens``
+    None: not known yet), for :func:`make_kernels` to measure the candidates."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
     if block_dtype not in BLOCK_DTYPES:
         raise ValueError(f"block_dtype must be one of {', '.join(BLOCK_DTYPES)}, not {block_dtype!r}")
-    if kernels == "onnxruntime" and device.type != "cpu":
-        raise ValueError(f"kernels='onnxruntime' runs on the CPU; the heads are on {device}")
+    if kernels in ("onnxruntime", "native") and device.type != "cpu":
+        raise ValueError(f"kernels={kernels!r} runs on the CPU; the heads are on {device}")
     if kernels == "onnxruntime" and block_dtype != "float32":
         raise ValueError(f"kernels='onnxruntime' stores float32 blocks; block_dtype={block_dtype!r} needs "
-                         f"kernels torch or auto")
-    if kernels == "auto":
-        if device.type != "cpu" or block_dtype != "float32" or (tokens is not None and tokens < AUTO_MIN_TOKENS):
-            return "torch"
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return "torch"
+                         f"kernels torch, native or auto")
+    if kernels == "auto" and (device.type != "cpu" or (tokens is not None and tokens < AUTO_MIN_TOKENS)):
+        return "torch"
     return kernels
 
 
@@ -167,7 +169,6 @@ class TorchKernels:
         g = self.g
         T, K, H, n, d = g.T, g.K, g.H, g.n, g.d
         a, bT, E, Ut = g.a.view(T, K, H, n, d), g.bT.view(T, K, H, d, n), g.E.view(T, T, K, H, n, n), g.Ut
-        M = g.M.view(T, T, T, K * H, n)
         eu_row, eu_col = self.eu_row.view(T, K, H, n, T), self.eu_col.view(T, K, H, n, T)
         for s in range(T):
             for k in range(K):
@@ -181,7 +182,14 @@ class TorchKernels:
                     torch.matmul(work, u, out=eu)  # M from the unrounded E: each weight's rounding stays its own
                     if work is not block:
                         block.copy_(work)  # to bfloat16, rounded to nearest
-        g.mc[x], eu_col[x] = g.mr[x], eu_row[x]  # block (x, x)'s statistics, made once
+        self.finish(x)
+
+    def finish(self, x: int) -> None:
+        """``M = log(E @ U)`` of the new blocks into place, and its minimum over positions."""
+        g = self.g
+        T, K, H, n = g.T, g.K, g.H, g.n
+        M = g.M.view(T, T, T, K * H, n)
+        g.mc[x], self.eu_col[x] = g.mr[x], self.eu_row[x]  # block (x, x)'s statistics, made once
         for eu, low, target in ((self.eu_row, g.minr, M[x]), (self.eu_col, g.minc, M[:, x])):
             eu.log_()
             target.copy_(eu.permute(0, 3, 1, 2))
@@ -197,6 +205,30 @@ class TorchKernels:
         torch.bmm(g.r_buf.view(-1, 1, n), g.E.view(-1, n, n), out=self.w)
         w = self.w.view(g.U_buf.shape)
         return torch.sum(torch.mul(w, g.U_buf, out=w), 0, out=g.col_buf)
+
+
+class NativeKernels(TorchKernels):
+    """PyTorch's kernels with the block creation fused and compiled (:mod:`.native_kernels`,
+    AVX-512, CPU): per block one pass in the CPU's caches, not seven PyTorch calls."""
+
+    name = "native"
+
+    def __init__(self, group: _StepGroup) -> None:
+        super().__init__(group)
+        self.fused = fused_create_available(group.T)
+        if not self.fused:
+            log.info("fast STEP engine: native kernels create blocks with PyTorch ops here (%s%s)", native_status(),
+                     "" if group.T <= 16 else f"; the fused creation takes windows of up to 16 frames, not {group.T}")
+
+    def create(self, x: int) -> None:
+        if not self.fused:
+            return super().create(x)
+        g = self.g
+        T, KH, n, d = g.T, g.K * g.H, g.n, g.d
+        create_blocks(g.a.view(T, KH, n, d), g.bT.view(T, KH, d, n), g.Ut.view(T, KH, n, T), g.E.view(T, T, KH, n, n),
+                      g.M.view(T, T, T, KH, n), g.mr.view(T, KH, n), g.mc.view(T, KH, n), g.minr.view(T, KH, n),
+                      g.minc.view(T, KH, n), x, EXP_FLOOR)
+        g.mc[x], g.minc[x] = g.mr[x], g.minr[x]  # block (x, x)'s statistics, made once
 
 
 class OnnxRuntimeKernels:
@@ -357,21 +389,36 @@ class OnnxRuntimeKernels:
 def make_kernels(kernels: str, group: _StepGroup) -> tuple[TorchKernels | OnnxRuntimeKernels, dict[str, float]]:
     """The kernels for ``group`` (its buffers allocated), and ``{name: ms}`` when ``auto`` timed them.
 
-    ``auto`` (after :func:`resolve_kernels`) times both on this machine, one ``create`` and one
-    ``columns`` per round, and keeps the faster.  Which one wins depends on the CPU: on the AMD
-    EPYC VMs ONNX Runtime's MLAS was 1.3x faster than PyTorch's MKL (which takes its AVX2 kernels
-    there), on an Intel Xeon PyTorch was 1.1x faster (DECISIONS 35).  It costs about ten frames'
-    head work once, when the first frame sets the token count; both write only slot 0's blocks,
-    which that frame then makes again.  The block cache's pages are real by then
+    ``auto`` (after :func:`resolve_kernels`) times the candidates that can run here -- PyTorch;
+    ``native`` where its fused creation compiles with AVX-512; ONNX Runtime where it is installed
+    and the blocks are float32 -- one ``create`` and one ``columns`` per round, and keeps the
+    fastest.  Which one wins depends on the CPU: on the AMD EPYC VMs ONNX Runtime's MLAS was 1.3x
+    faster than PyTorch's MKL (which takes its AVX2 kernels there), on an Intel Xeon PyTorch was
+    1.1x faster (DECISIONS 35) and ``native`` faster than both (DECISIONS 38).  It costs about ten
+    frames' head work once, when the first frame sets the token count; each writes only slot 0's
+    blocks, which that frame then makes again.  The block cache's pages are real by then
     (:func:`host_zeros` touches them), so the timed pass reads memory, not one shared page of zeros.
     """
     if kernels == "torch":
         return TorchKernels(group), {}
+    if kernels == "native":
+        return NativeKernels(group), {}
     if kernels == "onnxruntime":
         return OnnxRuntimeKernels(group), {}
-    candidates = (TorchKernels(group), OnnxRuntimeKernels(group))
+    candidates: list[TorchKernels | OnnxRuntimeKernels] = [TorchKernels(group)]
+    if fused_create_available(group.T):
+        candidates.append(NativeKernels(group))
+    if group.E.dtype == torch.float32:
+        try:
+            import onnxruntime  # noqa: F401
+
+            candidates.append(OnnxRuntimeKernels(group))
+        except ImportError:
+            pass
+    if len(candidates) == 1:
+        return candidates[0], {}
     times: dict[str, list[float]] = {c.name: [] for c in candidates}
-    for _ in range(1 + AUTO_ROUNDS):  # taking turns, so that a drift of the machine hits both
+    for _ in range(1 + AUTO_ROUNDS):  # taking turns, so that a drift of the machine hits all
         for candidate in candidates:
             start = time.perf_counter()
             candidate.create(0)
@@ -381,5 +428,6 @@ def make_kernels(kernels: str, group: _StepGroup) -> tuple[TorchKernels | OnnxRu
     return min(candidates, key=lambda c: timings[c.name]), timings
 
 
-__all__ = ["AUTO_MIN_TOKENS", "AUTO_ROUNDS", "BLOCK_DTYPES", "EXP_FLOOR", "KERNELS", "OnnxRuntimeKernels", "TorchKernels", "cpu_session_options",
-           "floored_exp_", "host_zeros", "make_kernels", "resolve_kernels"]
+__all__ = ["AUTO_MIN_TOKENS", "AUTO_ROUNDS", "BLOCK_DTYPES", "EXP_FLOOR", "KERNELS", "NativeKernels",
+           "OnnxRuntimeKernels", "TorchKernels", "cpu_session_options", "floored_exp_", "host_zeros", "make_kernels",
+           "resolve_kernels"]

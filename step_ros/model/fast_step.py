@@ -58,8 +58,9 @@ one frame, ``2T - 1`` new ``n x n`` blocks per attention head (a GEMM, a row max
 ``O(T^2 H n)`` log-domain bookkeeping.  Memory: ``K H T^2 n^2`` float32 for the blocks
 (~403 MB per STEP head for ViT-S, T=16, n=256, H=6; half in bfloat16, see "Block storage"), see
 :meth:`FastStepRunner.memory_bytes`.
-The block creation and the GEMV are the two kernels of :mod:`.fast_kernels` (PyTorch or ONNX
-Runtime, whichever is faster on the machine); everything else here is PyTorch.
+The block creation and the GEMV are the kernels of :mod:`.fast_kernels` (PyTorch, ONNX Runtime
+or step_ros's own compiled ones, whichever is fastest on the machine); everything else here is
+PyTorch.
 
 The block cache is indexed by *frame slot*, not by position, so it is independent of the
 window order: the same cache serves any order of the same frames (e.g. reversed).
@@ -101,7 +102,7 @@ attention weight is within a relative ``2^-8`` (0.4 %) of the exact one, the mea
 output within ``2^-8 max_l |v_l|`` per channel, and the logits within ``|W_cls W_proj|``
 times that (test ``test_bf16_blocks_stay_within_the_stated_bound``).  bfloat16, not float16:
 the same exponent range as float32, so the range rules above hold unchanged.  It halves the
-cache and the bytes of the pass over it, which :mod:`.block_columns` runs as a compiled kernel
+cache and the bytes of the pass over it, which :mod:`.native_kernels` runs as a compiled kernel
 (PyTorch has no product of a bfloat16 matrix with a float32 vector); decision 37.
 
 Measured against a float64 forward over query/key scales 1-40 and token scales 1-30 (test
@@ -512,11 +513,12 @@ class FastStepRunner:
     hold at most ``T`` frames (the oldest is evicted when a frame arrives into a full cache).
 
     ``kernels``: who runs the block creation and the pass over the blocks
-    (:mod:`~step_ros.model.fast_kernels`): ``onnxruntime`` (MLAS, CPU), ``torch`` (any device) or
-    ``auto``: PyTorch off the CPU, for bfloat16 blocks and for frames under
-    :data:`~step_ros.model.fast_kernels.AUTO_MIN_TOKENS` tokens, otherwise whichever of the two
-    is faster on this machine, timed once at the first frame (:attr:`kernel_timings`).  Same
-    numbers either way.
+    (:mod:`~step_ros.model.fast_kernels`): ``onnxruntime`` (MLAS, CPU; float32 blocks), ``torch``
+    (any device), ``native`` (step_ros's compiled, fused block creation; CPU) or ``auto``:
+    PyTorch off the CPU and for frames under
+    :data:`~step_ros.model.fast_kernels.AUTO_MIN_TOKENS` tokens, otherwise whichever is fastest
+    on this machine, timed once at the first frame (:attr:`kernel_timings`).  Same numbers to
+    float32 rounding either way.
 
     ``block_dtype``: ``float32`` (exact to float32 rounding) or ``bfloat16`` (half the cache and
     a faster pass over it; each attention weight within a relative ``2^-8`` of the exact one:

@@ -155,8 +155,15 @@ def indexed_heads(heads: Mapping[str, Any], kernels: str = "auto") -> tuple[dict
     heads = dict(heads.items())  # a model's ModuleDict, or a plain mapping
     device = next((p.device for h in heads.values() for p in h.parameters()), torch.device("cpu"))
     name = resolve_kernels(kernels, device)
-    if name == "auto":  # either could run: these graphs took 1.5 against 3.6 ms (AMD VM, DECISIONS 34)
-        name = "onnxruntime"
+    if name == "native":  # the compiled kernels are the streaming engine's: batches of windows use PyTorch
+        name = "torch"
+    if name == "auto":  # these graphs took 1.5 against 3.6 ms (AMD VM, DECISIONS 34)
+        try:
+            import onnxruntime  # noqa: F401
+
+            name = "onnxruntime"
+        except ImportError:
+            name = "torch"
     out: dict[str, Any] = {}
     for task, head in heads.items():
         if name == "onnxruntime" and indexed_onnx_unsupported(head) is None:

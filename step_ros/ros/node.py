@@ -175,11 +175,12 @@ _PARAMETERS: list[tuple[str, Any, str, dict[str, Any]]] = [
     ("head_runner", "fast", "how heads run on the window: fast (exact incremental STEP engine) | reference "
                             "(plain forward)", {}),
     ("head_kernels", "auto", "who runs the fast engine's block kernels: onnxruntime (MLAS, CPU) | torch (any "
-                             "device) | auto (on the CPU with >= 128 tokens per frame: both timed at the first frame, "
-                             "the faster kept; else torch); same numbers", {}),
+                             "device) | native (step_ros's compiled, fused block creation; CPU with AVX-512) | auto "
+                             "(on the CPU with >= 128 tokens per frame: those that run here timed at the first frame, "
+                             "the fastest kept; else torch); same numbers", {}),
     ("head_block_dtype", "float32", "how the fast engine stores its attention blocks: float32 (exact to float32 "
                                     "rounding) | bfloat16 (half the memory, 1.3x faster heads on a CPU; every "
-                                    "attention weight within 0.4 % of the exact one; kernels torch)", {}),
+                                    "attention weight within 0.4 % of the exact one; kernels torch, native or auto)", {}),
     ("sampling", "auto", "how camera frames are sampled into the window: time (by header stamps, every "
                          "sample_period_s of the manifest, the frame nearest each sample time) | frames (every "
                          "frame_interval-th frame) | auto (time when the manifest has sample_period_s and "
@@ -324,7 +325,7 @@ class HumanActionNode(Node):
                 raise ConfigError(f"parameter {name}: {values[name]!r} is not one of {', '.join(allowed)}")
         if values["head_block_dtype"] != "float32" and values["head_kernels"] == "onnxruntime":
             raise ConfigError(f"parameter head_block_dtype: {values['head_block_dtype']} blocks need head_kernels "
-                              f"torch or auto (ONNX Runtime's kernels store float32 blocks)")
+                              f"torch, native or auto (ONNX Runtime's kernels store float32 blocks)")
         if not 0.0 < values["smoothing_alpha"] <= 1.0:
             raise ConfigError(f"parameter smoothing_alpha must be in (0, 1], got {values['smoothing_alpha']}")
         if not values["manifest"]:

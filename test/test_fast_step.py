@@ -535,3 +535,28 @@ def test_the_command_line_flushes_denormals_before_its_threads_start():
     code = ("import torch; from step_ros.cli import main; main(['params', '--arch', 'dinov2_vits14']); "
             "torch.set_num_threads(2); print(int((torch.full((1 << 20,), 1e-20) * 1e-20).count_nonzero()))")
     assert run_python(code).split()[-1] == "0"
+
+
+@pytest.mark.parametrize("kernels", ["torch", "native", "onnxruntime"])
+def test_a_dropped_runner_frees_its_caches_at_once(kernels):
+    """The block cache is GBs: it must go when the runner goes, not when the cyclic garbage
+    collector next runs (the kernels referred back to their group, and a bench that made runner
+    after runner was killed for memory)."""
+    if kernels == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    import gc
+    import weakref
+
+    heads = {k: h for k, h in make_heads().items() if k.startswith("step")}
+    runner = FastStepRunner(heads, kernels=kernels)
+    runner.add_frame(0, torch.randn(1 + N_TOK, D))
+    groups = [weakref.ref(g) for g in runner.groups]
+    caches = [weakref.ref(g.E) for g in runner.groups]
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del runner
+        assert all(ref() is None for ref in groups + caches)
+    finally:
+        if enabled:
+            gc.enable()

@@ -39,6 +39,7 @@ import math
 import mmap
 import sys
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -145,7 +146,7 @@ class TorchKernels:
     name = "torch"
 
     def __init__(self, group: _StepGroup) -> None:
-        self.g = group
+        self.g = weakref.proxy(group)  # the group owns its kernels: no cycle, so its GB go when it goes
         T, KH, n = group.T, group.K * group.H, group.n
         self.eu_row = torch.empty(T, KH, n, T, device=group.device)  # scratch: E @ U of the new row blocks
         self.eu_col = torch.empty(T, KH, n, T, device=group.device)  # and of the new column blocks
@@ -216,7 +217,9 @@ class NativeKernels(TorchKernels):
     def __init__(self, group: _StepGroup) -> None:
         super().__init__(group)
         self.fused = fused_create_available(group.T)
-        if not self.fused:
+        if self.fused:  # PyTorch's scratch is not needed: the kernel writes M and the blocks itself
+            self.eu_row = self.eu_col = self.block = None
+        else:
             log.info("fast STEP engine: native kernels create blocks with PyTorch ops here (%s%s)", native_status(),
                      "" if group.T <= 16 else f"; the fused creation takes windows of up to 16 frames, not {group.T}")
 
@@ -240,7 +243,7 @@ class OnnxRuntimeKernels:
     def __init__(self, group: _StepGroup, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        self.g = group
+        self.g = weakref.proxy(group)  # the group owns its kernels: no cycle, so its GB go when it goes
         self.ort = ort
         opts = cpu_session_options(threads)
         self.create_session = ort.InferenceSession(self._create_graph().SerializeToString(), opts,

@@ -15,8 +15,8 @@ PyTorch runs anywhere (CPU and CUDA).  ONNX Runtime (CPU only) runs the same ari
 through MLAS, whose fp32 GEMM is about twice as fast as PyTorch's MKL on the AMD VMs: its graphs
 have fixed shapes, read the group's tensors in place and write straight into the block cache
 (I/O binding, no copies).  On an Intel Xeon, where MKL takes its AVX-512 code, PyTorch's were
-the faster; ``auto`` times both on the machine (:func:`make_kernels`), and ``step-ros bench``
-shows each.
+the faster, and ``native`` faster still; ``auto`` times those that can run on the machine
+(:func:`make_kernels`), and ``step-ros bench`` shows each.
 
 ``native`` (CPU) is PyTorch's set with ``create`` replaced by the fused, compiled block creation
 of :mod:`.native_kernels` (AVX-512; where the CPU has none, PyTorch's ``create`` again): one

@@ -10,9 +10,9 @@ where no library call does what the engine needs at memory or FMA speed.
   the store of ``E`` into the block cache (float32, or bfloat16 rounded to nearest even)
   follow; that store bypasses the caches (non-temporal), since the next reader is the next
   prediction's pass, long after they would have been overwritten.
-  PyTorch needs seven calls per block for the same work, and each sends the block through
-  memory (three ViT-S heads, Intel Xeon, 2 threads: 56 against 29 ms per frame with float32
-  blocks, 51 against 30 with bfloat16; decision 38).
+  PyTorch needs seven calls per block and three per frame for the same work, each sending
+  the block through memory (a new frame for three ViT-S heads, Intel Xeon, 2 threads: 34.8
+  against 46.9 ms with either storage; decision 38).
 * ``step_columns_bf16``, per prediction with bfloat16 blocks: for every key slot, STEP head and
   attention head ``o`` and key ``l``::
 

@@ -133,12 +133,12 @@ def check_cache(folder: Path | None) -> tuple[str, str]:
 
 
 def check_native_kernels() -> tuple[str, str]:
-    from .model.native_kernels import fused_create_available, load_native, native_status
+    from .model.native_kernels import FUSED_MAX_FRAMES, fused_create_available, load_native, native_status
 
     if load_native() is None:  # compiled here on first use, as the node does in its warm-up
         return WARN, (f"{native_status()}; head_kernels native and head_block_dtype bfloat16 then run PyTorch "
                       f"ops, slower (install a C compiler, e.g. build-essential)")
-    if not fused_create_available(16):
+    if not fused_create_available(FUSED_MAX_FRAMES):
         return OK, (f"{native_status()}; the fused block creation needs AVX-512, so head_kernels native creates "
                     f"blocks with PyTorch ops here")
     return OK, native_status()

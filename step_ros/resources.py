@@ -40,9 +40,6 @@ def demo_template() -> Path:
     return models_dir() / "demo" / "template.yaml"
 
 
-__all__ = ["CHECKOUT", "default_cache_dir", "demo_manifest", "demo_template", "models_dir", "share_dir"]
-
-
 def default_cache_dir() -> Path:
     """Where step_ros keeps what it builds on this machine (exported graphs, TensorRT engines,
     compiled kernels): ``$STEP_ROS_CACHE_DIR``, else ``$XDG_CACHE_HOME/step_ros``, else
@@ -51,3 +48,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ["STEP_ROS_CACHE_DIR"]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "step_ros"
+
+
+__all__ = ["CHECKOUT", "default_cache_dir", "demo_manifest", "demo_template", "models_dir", "share_dir"]

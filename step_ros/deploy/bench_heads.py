@@ -97,7 +97,7 @@ NATIVE_BF16_VARIANT = "native kernels, bf16 blocks"
 
 def fast_variants(baseline_engine: Path | None = None) -> dict[str, Callable[[Any], Any]]:
     """Label -> runner factory for each fast-engine configuration compared, baseline first and
-    the default (``auto``: the faster kernels, timed on this machine; float32 blocks) last."""
+    the default (``auto``: the fastest kernels, timed on this machine; float32 blocks) last."""
     variants: dict[str, Callable[[Any], Any]] = {}
     if baseline_engine is not None:
         module = load_engine_module(baseline_engine)

@@ -27,9 +27,9 @@ scratch and stores it rounded (the native one rounds in registers), and the pass
 blocks is the compiled kernel of :mod:`.native_kernels` in both; ONNX Runtime's set keeps
 float32 blocks.
 
-Both work a frame slot at a time (ONNX Runtime: the ``n x n`` blocks of all heads at once;
-PyTorch: one STEP head's at a time), so their scratch memory is a few blocks, not a copy of the
-cache.
+Each works a frame slot at a time (ONNX Runtime: the ``n x n`` blocks of all heads at once;
+PyTorch: one STEP head's at a time; native: six query rows of one block per thread), so their
+scratch memory is a few blocks, not a copy of the cache.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .native_kernels import columns_bf16, create_blocks, fused_create_available, load_native, native_status
+from .native_kernels import (FUSED_MAX_FRAMES, columns_bf16, create_blocks, fused_create_available, load_native,
+                             native_status)
 from .device import keep_denormal_mode
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ KERNELS = ("auto", "torch", "onnxruntime", "native")
 
 #: How the block cache stores ``E``: ``float32`` (exact to float32 rounding) or ``bfloat16``
 #: (half the memory and half the per-prediction pass; each attention weight within a relative
-#: 2^-8 of the exact one, see :mod:`.fast_step`; PyTorch kernels only).
+#: 2^-8 of the exact one, see :mod:`.fast_step`; PyTorch and native kernels, not ONNX Runtime's).
 BLOCK_DTYPES = ("float32", "bfloat16")
 
 
@@ -144,16 +145,19 @@ class TorchKernels:
     """The kernels as PyTorch calls (any device)."""
 
     name = "torch"
+    fused = False  #: whether ``create`` is compiled (:class:`NativeKernels`) rather than PyTorch's
 
     def __init__(self, group: _StepGroup) -> None:
         self.g = weakref.proxy(group)  # the group owns its kernels: no cycle, so its GB go when it goes
         T, KH, n = group.T, group.K * group.H, group.n
-        self.eu_row = torch.empty(T, KH, n, T, device=group.device)  # scratch: E @ U of the new row blocks
-        self.eu_col = torch.empty(T, KH, n, T, device=group.device)  # and of the new column blocks
         self.bf16 = group.E.dtype == torch.bfloat16
-        # float32 blocks are made in place in the cache; bfloat16 ones in float32 scratch (one STEP
-        # head's, 1.5 MB for ViT-S: it stays in the CPU's cache), rounded as they are stored
-        self.block = torch.empty(group.H, n, n, device=group.device) if self.bf16 else None
+        self.eu_row = self.eu_col = self.block = None
+        if not self.fused:  # PyTorch's create: its scratch
+            self.eu_row = torch.empty(T, KH, n, T, device=group.device)  # E @ U of the new row blocks
+            self.eu_col = torch.empty(T, KH, n, T, device=group.device)  # and of the new column blocks
+            # float32 blocks are made in place in the cache; bfloat16 ones in float32 scratch (one
+            # STEP head's, 1.5 MB for ViT-S: it stays in the CPU's cache), rounded as they are stored
+            self.block = torch.empty(group.H, n, n, device=group.device) if self.bf16 else None
         self.w = None if self.bf16 else torch.empty(T * T * KH, 1, n, device=group.device)  # r' E, per block
         if self.bf16 and group.device.type == "cpu":
             load_native()  # compiled now (the node's warm-up), not at the first complete window
@@ -215,13 +219,12 @@ class NativeKernels(TorchKernels):
     name = "native"
 
     def __init__(self, group: _StepGroup) -> None:
+        self.fused = fused_create_available(group.T)  # before PyTorch's scratch, which it then skips
         super().__init__(group)
-        self.fused = fused_create_available(group.T)
-        if self.fused:  # PyTorch's scratch is not needed: the kernel writes M and the blocks itself
-            self.eu_row = self.eu_col = self.block = None
-        else:
+        if not self.fused:
             log.info("fast STEP engine: native kernels create blocks with PyTorch ops here (%s%s)", native_status(),
-                     "" if group.T <= 16 else f"; the fused creation takes windows of up to 16 frames, not {group.T}")
+                     "" if group.T <= FUSED_MAX_FRAMES else
+                     f"; the fused creation takes windows of up to {FUSED_MAX_FRAMES} frames, not {group.T}")
 
     def create(self, x: int) -> None:
         if not self.fused:

@@ -496,10 +496,15 @@ def columns_bf16(r: torch.Tensor, E: torch.Tensor, U: torch.Tensor, out: torch.T
     return out
 
 
+#: The longest window the fused creation's AVX-512 code takes: one register holds a row of
+#: ``E @ U`` (``T <= 16`` in ``create_avx512`` above).
+FUSED_MAX_FRAMES = 16
+
+
 def fused_create_available(frames: int) -> bool:
     """Whether :func:`create_blocks` runs its AVX-512 code here for windows of ``frames`` (at most
-    16: one register holds a row of ``E @ U``); elsewhere PyTorch's ops are the faster choice."""
-    return load_native() is not None and bool(_loaded.get("simd")) and frames <= 16
+    :data:`FUSED_MAX_FRAMES`); elsewhere PyTorch's ops are the faster choice."""
+    return load_native() is not None and bool(_loaded.get("simd")) and frames <= FUSED_MAX_FRAMES
 
 
 def create_blocks(a: torch.Tensor, bT: torch.Tensor, Ut: torch.Tensor, E: torch.Tensor, M: torch.Tensor,
@@ -531,5 +536,6 @@ def create_blocks(a: torch.Tensor, bT: torch.Tensor, Ut: torch.Tensor, E: torch.
                            int(E.dtype == torch.bfloat16), floor, torch.get_num_threads())
 
 
-__all__ = ["C_SOURCE", "FLAG_SETS", "columns_bf16", "create_blocks", "fused_create_available", "load_native",
+__all__ = ["C_SOURCE", "FLAG_SETS", "FUSED_MAX_FRAMES", "columns_bf16", "create_blocks", "fused_create_available",
+           "load_native",
            "native_status"]

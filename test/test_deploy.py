@@ -280,14 +280,20 @@ def test_bench_command_small_configuration(tmp_path, capsys):
     result = json.loads((tmp_path / "bench.json").read_text())
     names = [r["name"] for r in result["rows"]]
     assert any(n.startswith("backbone torch") for n in names) and any("onnxruntime" in n for n in names)
-    for variant in ("before (fast_step_before.py)", "torch kernels", "torch kernels, bf16 blocks", "native kernels",
-                    "native kernels, bf16 blocks", "onnxruntime kernels", "auto kernels"):
+    from step_ros.model.native_kernels import amx_available
+
+    variants = ["before (fast_step_before.py)", "before (fast_step_before.py), native kernels, bf16 blocks",
+                "torch kernels", "torch kernels, bf16 blocks", "native kernels", "native kernels, bf16 blocks",
+                "onnxruntime kernels", "auto kernels"]
+    if amx_available():  # the AMX lever on its own
+        variants.append("native kernels, bf16 blocks, no AMX")
+    for variant in variants:
         stream = next(r for r in result["rows"] if r["name"] == f"streaming: 1 backbone pass + 3 fast heads, {variant}")
         assert stream["backbone_calls_per_new_frame"] == 1 and stream["ratio_to_baseline"] > 0
         assert stream["backbone_passes"] > 0 and stream["fallbacks"] == 0
         heads = next(r for r in result["rows"] if r["name"] == f"heads only: fast STEP engine, {variant} x3")
         assert heads["max_abs_diff_vs_sdpa"] < 1e-4 and heads["ms_add_frame"] > 0 and heads["ms_predict"] > 0
-        if variant != "before (fast_step_before.py)":
+        if not variant.startswith("before"):
             assert heads["kernels"] == stream["kernels"] == variant.split()[0].replace("auto", "torch")  # 16 tokens
     assert sum(n.startswith("pass over 1 head's blocks") for n in names) == 5  # fp32 x2, fp16, bf16 x2
     assert any(n.startswith("pass over 1 head's blocks: bf16, step_ros kernel") for n in names)

@@ -116,16 +116,20 @@ def create_by_hand(a, bT, Ut, q: int, k: int):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype, amx", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
 @pytest.mark.parametrize("T, n, d, scale", [(5, 9, 16, 1.0), (16, 40, 32, 1.0), (16, 256, 64, 0.4), (4, 64, 64, 3.0),
-                                            (20, 24, 16, 1.0)])  # T = 20: the plain C path
-def test_fused_creation_equals_the_definition(T, n, d, scale, dtype, threads):
+                                            (4, 37, 40, 1.0), (20, 24, 16, 1.0)])  # T = 20: the plain C path
+def test_fused_creation_equals_the_definition(T, n, d, scale, dtype, amx, threads):
     """Every new block of one frame slot, against float64: ``m`` and ``M = log(E @ U)`` (and
     its minimum over positions) to float32 rounding, ``E`` to float32 rounding or, in bfloat16,
     to its rounding (2^-8); nothing else in the cache is written.  Scale 3 drives most of
-    ``S - m`` under the floor (-87)."""
+    ``S - m`` under the floor (-87).  With AMX (bfloat16 blocks), ``S`` and ``E @ U`` come from
+    three bfloat16 products each: ``S`` within ``3 * 2^-18 sum_i |a_i b_i|`` more, ``E @ U``
+    within ``3 * 2^-18`` relative more (n = 37, d = 40: padded tiles)."""
     if native_kernels.load_native() is None:
         pytest.skip(f"no compiled kernels here: {native_kernels.native_status()}")
+    if amx and not native_kernels.amx_available():
+        pytest.skip(f"no AMX here: {native_kernels.native_status()}")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -135,7 +139,11 @@ def test_fused_creation_equals_the_definition(T, n, d, scale, dtype, threads):
         E = torch.full((T, T, O, n, n), sentinel, dtype=dtype)
         M = torch.full((T, T, T, O, n), sentinel)
         mr, mc, minr, minc = (torch.full((T, O, n), sentinel) for _ in range(4))
-        native_kernels.create_blocks(a, bT, Ut, E, M, mr, mc, minr, minc, x, EXP_FLOOR)
+        native_kernels.create_blocks(a, bT, Ut, E, M, mr, mc, minr, minc, x, EXP_FLOOR, amx=amx)
+        if amx and T <= native_kernels.FUSED_MAX_FRAMES:  # the tile unit ran: not the AVX-512 path's numbers
+            plain = [torch.zeros(T, O, n) for _ in range(4)]
+            native_kernels.create_blocks(a, bT, Ut, E.clone(), M.clone(), *plain, x, EXP_FLOOR)
+            assert not torch.equal(plain[0], mr)
     finally:
         torch.set_num_threads(threads_before)
     for s in range(T):
@@ -145,12 +153,18 @@ def test_fused_creation_equals_the_definition(T, n, d, scale, dtype, threads):
                 continue
             S, m, E64, M64 = create_by_hand(a, bT, Ut, q, k)
             slack = 1e-6 * max(1.0, float(S.abs().max()))  # float32 sums of d products
+            split = 0.0
+            if amx:  # the three-piece products' bound on S, per row
+                split = 3 * 2.0**-18 * float((a[q].double().abs() @ bT[k].double().abs()).max())
+                slack += split
             torch.testing.assert_close(m_out.double(), m, rtol=0, atol=slack)
             got = E[q, k].double()
             rel = 2.0 ** -8 if dtype == torch.bfloat16 else 4e-7
             assert bool(((got - E64).abs() <= rel * E64 + 4 * slack * E64 + 1e-30).all()), f"block ({q}, {k})"
-            torch.testing.assert_close(M[q, k].double(), M64, rtol=0, atol=2e-6 + 4 * slack)
-            torch.testing.assert_close(low.double(), M64.amin(0), rtol=0, atol=2e-6 + 4 * slack)
+            m_tol = 2e-6 + 4 * slack + (3 * 2.0**-18 if amx else 0.0)  # E @ U's split: relative, in the log
+            torch.testing.assert_close(M[q, k].double(), M64, rtol=0, atol=m_tol)
+            torch.testing.assert_close(low.double(), M64.amin(0), rtol=0, atol=m_tol)
+
     written = torch.zeros(T, T, dtype=torch.bool)
     written[x, :] = written[:, x] = True
     assert bool((E[~written] == sentinel).all()) and bool((M[~written] == sentinel).all()), "other slots written"

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -42,7 +43,7 @@ import torch
 
 from step_ros.deploy.export import max_abs_error, worst_error
 from step_ros.deploy.peak import describe_peaks, measure_gemm_peaks, time_ms
-from step_ros.model.native_kernels import columns_bf16, load_native, native_status
+from step_ros.model.native_kernels import amx_available, columns_bf16, load_native, native_status, without_amx
 from step_ros.model.fast_kernels import cpu_session_options
 from step_ros.model.fast_step import FastStepRunner, reference_step_logits
 from step_ros.model.heads import StepHead
@@ -90,9 +91,29 @@ def _exec_module(name: str, path: Path) -> Any:
 
 
 #: The fast engine with bfloat16 blocks, in :func:`fast_variants`: PyTorch's block creation, and
-#: step_ros's fused one (decision 38).
+#: step_ros's fused one (decision 38; with the AMX tile unit where the CPU has one, decision 39,
+#: and without it, the lever on its own).
 BF16_VARIANT = "torch kernels, bf16 blocks"
 NATIVE_BF16_VARIANT = "native kernels, bf16 blocks"
+NO_AMX_VARIANT = "native kernels, bf16 blocks, no AMX"
+
+
+class WithoutAmx:
+    """A runner whose frames are added with the AMX tile unit off (:func:`without_amx`)."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+    def add_frame(self, *args: Any) -> None:
+        with without_amx():
+            self.runner.add_frame(*args)
+
+    def predict(self, *args: Any) -> Any:
+        with without_amx():  # a prediction may add the window's frames too
+            return self.runner.predict(*args)
 
 
 def fast_variants(baseline_engine: Path | None = None) -> dict[str, Callable[[Any], Any]]:
@@ -101,11 +122,18 @@ def fast_variants(baseline_engine: Path | None = None) -> dict[str, Callable[[An
     variants: dict[str, Callable[[Any], Any]] = {}
     if baseline_engine is not None:
         module = load_engine_module(baseline_engine)
-        variants[f"before ({Path(baseline_engine).name})"] = lambda heads: module.FastStepRunner(heads)
+        label = f"before ({Path(baseline_engine).name})"
+        variants[label] = lambda heads: module.FastStepRunner(heads)
+        if "block_dtype" in inspect.signature(module.FastStepRunner).parameters:  # engines since decision 37
+            variants[f"{label}, {NATIVE_BF16_VARIANT}"] = lambda heads: module.FastStepRunner(
+                heads, kernels="native", block_dtype="bfloat16")
     variants["torch kernels"] = lambda heads: FastStepRunner(heads, kernels="torch")
     variants[BF16_VARIANT] = lambda heads: FastStepRunner(heads, kernels="torch", block_dtype="bfloat16")
     variants["native kernels"] = lambda heads: FastStepRunner(heads, kernels="native")
     variants[NATIVE_BF16_VARIANT] = lambda heads: FastStepRunner(heads, kernels="native", block_dtype="bfloat16")
+    if amx_available():
+        variants[NO_AMX_VARIANT] = lambda heads: WithoutAmx(
+            FastStepRunner(heads, kernels="native", block_dtype="bfloat16"))
     try:
         import onnxruntime  # noqa: F401
 

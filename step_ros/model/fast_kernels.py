@@ -1,7 +1,8 @@
 """The heavy kernels of the exact streaming STEP engine (:mod:`.fast_step`), in PyTorch, in
 ONNX Runtime, or compiled by step_ros (``native``).
 
-* ``project(patches)``, per new frame: the content part of every head's qkv projection.
+* ``project(patches, x)``, per new frame in slot ``x``: the content part of every head's query
+  and key projection, written into the group's ``a[x]`` (scaled, with ``c_bar``) and ``bT[x]``.
 * ``create(x)``, per new frame in slot ``x``: for every STEP head and attention head, the
   ``2T - 1`` new content blocks ``S = a b^T`` (row blocks ``(x, F)``, column blocks ``(G, x)``),
   their row maxima ``m``, ``E = exp(S - m)`` written in place into the block cache,
@@ -19,8 +20,10 @@ the faster, and ``native`` faster still; ``auto`` times those that can run on th
 (:func:`make_kernels`), and ``step-ros bench`` shows each.
 
 ``native`` (CPU) is PyTorch's set with ``create`` replaced by the fused, compiled block creation
-of :mod:`.native_kernels` (AVX-512; where the CPU has none, PyTorch's ``create`` again): one
-pass per block in the CPU's caches instead of seven PyTorch calls (decision 38).
+of :mod:`.native_kernels` (AVX-512, and the AMX tile unit for bfloat16 blocks where the CPU has
+one; where the CPU has no AVX-512, PyTorch's ``create`` again): one pass per block in the CPU's
+caches instead of seven PyTorch calls (decisions 38, 39); the prediction's row weights are
+compiled too (``fused_weights``).
 
 With bfloat16 blocks (``block_dtype``) PyTorch's ``create`` makes each block in float32
 scratch and stores it rounded (the native one rounds in registers), and the pass over the
@@ -46,7 +49,7 @@ import numpy as np
 import torch
 
 from .native_kernels import (FUSED_MAX_FRAMES, columns_bf16, create_blocks, fused_create_available, load_native,
-                             native_status)
+                             native_status, row_weights_available)
 from .device import keep_denormal_mode
 
 if TYPE_CHECKING:
@@ -146,6 +149,7 @@ class TorchKernels:
 
     name = "torch"
     fused = False  #: whether ``create`` is compiled (:class:`NativeKernels`) rather than PyTorch's
+    fused_weights = False  #: whether the prediction's row weights are compiled (:class:`NativeKernels`)
 
     def __init__(self, group: _StepGroup) -> None:
         self.g = weakref.proxy(group)  # the group owns its kernels: no cycle, so its GB go when it goes
@@ -162,9 +166,12 @@ class TorchKernels:
         if self.bf16 and group.device.type == "cpu":
             load_native()  # compiled now (the node's warm-up), not at the first complete window
 
-    def project(self, patches: torch.Tensor) -> torch.Tensor:
+    def project(self, patches: torch.Tensor, x: int) -> None:
         g = self.g
-        return torch.matmul(patches, g.Wt, out=g.qkv)
+        KH, n, d, D = g.K * g.H, g.n, g.d, g.D
+        # a = e Wq^T / sqrt(d) + c_bar, and b^T = Wk e^T: batched per attention head, written in place
+        torch.baddbmm(g.cq_bar.view(KH, 1, d), patches.expand(KH, n, D), g.Wq_t, out=g.a[x].view(KH, n, d))
+        torch.matmul(g.Wk, patches.t(), out=g.bT[x].view(KH, d, n))
 
     def create(self, x: int) -> None:
         """One STEP head's blocks of one slot pair at a time: a chunk (H blocks, 1.5 MB for
@@ -220,6 +227,7 @@ class NativeKernels(TorchKernels):
 
     def __init__(self, group: _StepGroup) -> None:
         self.fused = fused_create_available(group.T)  # before PyTorch's scratch, which it then skips
+        self.fused_weights = row_weights_available()  # the prediction's row weights in one compiled pass
         super().__init__(group)
         if not self.fused:
             log.info("fast STEP engine: native kernels create blocks with PyTorch ops here (%s%s)", native_status(),
@@ -233,7 +241,7 @@ class NativeKernels(TorchKernels):
         T, KH, n, d = g.T, g.K * g.H, g.n, g.d
         create_blocks(g.a.view(T, KH, n, d), g.bT.view(T, KH, d, n), g.Ut.view(T, KH, n, T), g.E.view(T, T, KH, n, n),
                       g.M.view(T, T, T, KH, n), g.mr.view(T, KH, n), g.mc.view(T, KH, n), g.minr.view(T, KH, n),
-                      g.minc.view(T, KH, n), x, EXP_FLOOR)
+                      g.minc.view(T, KH, n), x, EXP_FLOOR, amx=self.bf16)
         g.mc[x], g.minc[x] = g.mr[x], g.minr[x]  # block (x, x)'s statistics, made once
 
 
@@ -297,12 +305,18 @@ class OnnxRuntimeKernels:
         from onnx import TensorProto, helper
 
         g = self.g
-        K, n, D = g.K, g.n, g.D
+        KH, n, d, D = g.K * g.H, g.n, g.d, g.D
         graph = helper.make_graph(
-            [helper.make_node("MatMul", ["patches", "Wt"], ["qkv"])], "step_project",
+            [helper.make_node("MatMul", ["patches", "Wq_t"], ["q"]),
+             helper.make_node("Add", ["q", "c_bar"], ["a"]),
+             helper.make_node("Transpose", ["patches"], ["patches_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["Wk", "patches_t"], ["bT"])], "step_project",
             [helper.make_tensor_value_info("patches", TensorProto.FLOAT, [n, D]),
-             helper.make_tensor_value_info("Wt", TensorProto.FLOAT, [K, D, 3 * D])],
-            [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [K, n, 3 * D])])
+             helper.make_tensor_value_info("Wq_t", TensorProto.FLOAT, [KH, D, d]),
+             helper.make_tensor_value_info("Wk", TensorProto.FLOAT, [KH, d, D]),
+             helper.make_tensor_value_info("c_bar", TensorProto.FLOAT, [KH, 1, d])],
+            [helper.make_tensor_value_info("a", TensorProto.FLOAT, [KH, n, d]),
+             helper.make_tensor_value_info("bT", TensorProto.FLOAT, [KH, d, n])])
         return self._model(graph)
 
     def _gemv_graph(self) -> Any:
@@ -375,14 +389,17 @@ class OnnxRuntimeKernels:
         return b
 
     # -- kernels ------------------------------------------------------------------------------
-    def project(self, patches: torch.Tensor) -> torch.Tensor:
+    def project(self, patches: torch.Tensor, x: int) -> None:
         g = self.g
+        KH, n, d = g.K * g.H, g.n, g.d
         b = self.project_session.io_binding()
         self._bind(b, "patches", patches)
-        self._bind(b, "Wt", g.Wt)  # rebound every call: refresh() may have replaced it
-        self._bind(b, "qkv", g.qkv, output=True)
+        self._bind(b, "Wq_t", g.Wq_t)  # rebound every call: refresh() may have replaced them
+        self._bind(b, "Wk", g.Wk)
+        self._bind(b, "c_bar", g.cq_bar.view(KH, 1, d))
+        self._bind(b, "a", g.a[x].view(KH, n, d), output=True)
+        self._bind(b, "bT", g.bT[x].view(KH, d, n), output=True)
         self.project_session.run_with_iobinding(b)
-        return g.qkv
 
     def create(self, x: int) -> None:
         self.create_session.run_with_iobinding(self._create_bindings[x])

@@ -51,16 +51,19 @@ and the max-stabilised ``U^F = exp(gamma^F - mu^F)``, ``mu^F[P] = max_l gamma^F_
   very term), a small number for any sane head (at most ``min`` of the row's logit spread and
   the positional term's spread over the keys).
 
-Cost per new frame (T frames, n tokens, H heads, K STEP heads): the qkv content projection of
-one frame, ``2T - 1`` new ``n x n`` blocks per attention head (a GEMM, a row max, an exp and an
-``(n x n) @ (n x T)`` product each), then per prediction one GEMV over every stored block
+Cost per new frame (T frames, n tokens, H heads, K STEP heads): the query and key content
+projection of one frame (the values are never formed: ``sum_F W^F u_F = (sum_F W^F e_F) Wv^T``,
+one product with the window's patch tokens, which are cached instead), ``2T - 1`` new
+``n x n`` blocks per attention head (a GEMM, a row max, an exp and an ``(n x n) @ (n x T)``
+product each), then per prediction one GEMV over every stored block
 (``T^2 H n^2`` multiply-adds: memory-bound, it reads each stored block once) and small
 ``O(T^2 H n)`` log-domain bookkeeping.  Memory: ``K H T^2 n^2`` float32 for the blocks
 (~403 MB per STEP head for ViT-S, T=16, n=256, H=6; half in bfloat16, see "Block storage"), see
 :meth:`FastStepRunner.memory_bytes`.
-The block creation and the GEMV are the kernels of :mod:`.fast_kernels` (PyTorch, ONNX Runtime
-or step_ros's own compiled ones, whichever is fastest on the machine); everything else here is
-PyTorch.
+The projection, the block creation and the GEMV are the kernels of :mod:`.fast_kernels`
+(PyTorch, ONNX Runtime or step_ros's own compiled ones, whichever is fastest on the machine);
+the prediction's log-domain bookkeeping is PyTorch, or compiled with the ``native`` kernels;
+everything else here is PyTorch.
 
 The block cache is indexed by *frame slot*, not by position, so it is independent of the
 window order: the same cache serves any order of the same frames (e.g. reversed).
@@ -99,11 +102,15 @@ Block storage.  ``block_dtype="float32"`` (the default) is exact to float32 roun
 exact rows and the CLS row stay in float32 (an exact row's ``S - m``, which bfloat16 could not
 hold, goes to a float32 side table instead of the block), and every sum is float32.  So each
 attention weight is within a relative ``2^-8`` (0.4 %) of the exact one, the mean attention
-output within ``2^-8 max_l |v_l|`` per channel, and the logits within ``|W_cls W_proj|``
-times that (test ``test_bf16_blocks_stay_within_the_stated_bound``).  bfloat16, not float16:
-the same exponent range as float32, so the range rules above hold unchanged.  It halves the
-cache and the bytes of the pass over it, which :mod:`.native_kernels` runs as a compiled kernel
-(PyTorch has no product of a bfloat16 matrix with a float32 vector); decision 37.
+output within ``2^-8 max_l |v_l|`` per channel, and the logits within ``|W_cls W_proj|`` times
+that (test ``test_bf16_blocks_stay_within_the_stated_bound``).  Where the ``native`` kernels make
+bfloat16 blocks with the AMX tile unit (:mod:`.native_kernels`), the content scores ``S`` carry
+up to ``delta = 3 * 2^-18 max sum_i |a_i b_i|`` more error and the normalisers ``3 * 2^-18``
+relative: each weight within ``2^-8 + 2 delta + 3 * 2^-18`` relative (the same test, with that
+bound). bfloat16, not float16: the same exponent range as float32, so the range rules above hold
+unchanged.  It halves the cache and the bytes of the pass over it, which :mod:`.native_kernels`
+runs as a compiled kernel (PyTorch has no product of a bfloat16 matrix with a float32 vector);
+decision 37.
 
 Measured against a float64 forward over query/key scales 1-40 and token scales 1-30 (test
 ``test_no_fallback_at_any_logit_spread``), the error stays at the fused SDPA forward's own
@@ -128,6 +135,7 @@ import torch
 from torch import nn
 
 from .fast_kernels import EXP_FLOOR, floored_exp_, host_zeros, make_kernels, resolve_kernels
+from .native_kernels import row_weights
 from .heads import MultiHeadAttention, StepHead, pool_patch_grid
 
 log = logging.getLogger(__name__)
@@ -224,7 +232,12 @@ class _StepGroup:
         K, H, T, D, d = self.K, self.H, self.T, self.D, self.d
         scale = 1.0 / math.sqrt(d)
         self.W = torch.stack([h.attn.qkv.weight.detach().float() for h in self.heads])  # (K, 3D, D)
-        self.Wt = self.W.transpose(1, 2).contiguous()  # (K, D, 3D)
+        # The content projection makes queries and keys only, per attention head in the layouts the
+        # blocks want (no copies after it); the values are never formed: the pooled output takes
+        # Wv after the weighted sum of the patch tokens (decision 39).
+        self.Wq_t = (self.W[:, :D] * scale).reshape(K * H, d, D).transpose(1, 2).contiguous()  # (K H, D, d)
+        self.Wk = self.W[:, D: 2 * D].reshape(K * H, d, D).contiguous()  # (K H, d, D)
+        self.Wv = self.W[:, 2 * D:].reshape(K, H, d, D).contiguous()  # (K, H, d, D)
         self.device = self.W.device  # every cache and index lives with the heads' weights
         bias = torch.stack([h.attn.qkv.bias.detach().float() for h in self.heads])  # (K, 3D)
         pes = []
@@ -246,7 +259,7 @@ class _StepGroup:
         gqkv = (torch.einsum("kd,ked->ke", g, self.W) + bias).reshape(K, 3, H, d)
         self.qg, self.kg, self.vg = gqkv[:, 0] * scale, gqkv[:, 1], gqkv[:, 2]  # (K, H, d)
         self.kappa = torch.matmul(self.cq, self.ck.transpose(-1, -2))  # (K, H, P, P')
-        self.cls_key_pos = torch.einsum("khpd,khd->pkh", self.cq, self.kg)  # (P, K, H): c_P . k_g
+        self.cls_key_pos = torch.einsum("khpd,khd->pkh", self.cq, self.kg).contiguous()  # (P, K, H): c_P . k_g
         self.cls_query_pos = torch.einsum("khpd,khd->pkh", self.ck, self.qg)  # (P, K, H): q_g . c'_P
         self.s_gg = (self.qg * self.kg).sum(-1)  # (K, H)
         self.proj_w = torch.stack([h.attn.proj.weight.detach().float() for h in self.heads])
@@ -265,7 +278,7 @@ class _StepGroup:
             "M": ((T, T, T, K, H, n), f32),  # [G, F, P, ., ., j]: log(E_j . U^F[:, P])
             "a": ((T, K, H, n, d), f32),  # query content + c_bar (scaled), per slot
             "bT": ((T, K, H, d, n), f32),  # key content, transposed
-            "u": ((K, H, T, n, d), f32),  # value content, head-major: (K H) batches of (T n) x d for pooling
+            "e": ((T, n, self.D), f32),  # the frames' (pooled) patch tokens: the values' content is e Wv^T
             "beta": ((T, T, K, H, n), f32),  # [G, P', ., ., j]: a_j . c'_{P'}
             "delta": ((T, K, H, n), f32),  # a_j . k_g   (query content vs CLS key)
             "eps": ((T, K, H, n), f32),  # q_g . b_l   (CLS query vs key content)
@@ -273,7 +286,6 @@ class _StepGroup:
             "logU": ((T, T, K, H, n), f32),  # gamma - mu (U before the exp, for exact rows)
             "Ut": ((T, K, H, n, T), f32),  # [F, ., ., l, P]: U again, in the layout E @ U wants
             "mu": ((T, T, K, H), f32),  # [P, F, ., .]: max_l gamma
-            "qkv": ((K, n, 3 * self.D), f32),  # the newest frame's content projection
             "mr": ((T, K, H, n), f32),  # its row blocks (x, F): row max of S and the minimum
             "minr": ((T, K, H, n), f32),  # of log(E @ U) over the positions (M is written directly)
             "mc": ((T, K, H, n), f32),  # its column blocks (G, x), the same
@@ -284,10 +296,12 @@ class _StepGroup:
             "M_buf": ((T, T, K, H, n), f32),
             "U_buf": ((T, T, K, H, n), f32),
             "t_buf": ((T, T, K, H, n), f32),
+            "wg_buf": ((T, K, H), f32),  # the CLS key's column weight, per query slot
         }
 
     def allocate(self, n: int) -> None:
         self.n = n
+        self.exact_count = 0
         self.exact_sm: dict[tuple[int, int], torch.Tensor] = {}  # bfloat16 blocks: (G, F) -> its exact rows' S - m
         self._exact_cat: torch.Tensor | None = None  # their concatenation, made at the next prediction
         for name, (shape, dtype) in self.cache_shapes(n).items():
@@ -313,35 +327,36 @@ class _StepGroup:
         row blocks (x, F) and column blocks (G, x); the (x, x) block is made twice, with the
         same values.  Blocks with slots not in ``filled`` (no frame there yet) are made too, and
         never read."""
-        K, H, d = self.K, self.H, self.d
         n = patches.shape[0]
         if self.n != n:
             self.allocate(n)
-        qkv = self.kernels.project(patches.contiguous())  # (K, n, 3D), no bias (content only)
-        qkv = qkv.reshape(K, n, 3, H, d).permute(2, 0, 3, 1, 4)  # (3, K, H, n, d)
-        a = qkv[0] * (1.0 / math.sqrt(d)) + self.cq_bar[:, :, None]
-        b = qkv[1]
-        self.a[x] = a
-        self.bT[x] = b.transpose(-1, -2)
-        self.u[:, :, x] = qkv[2]
+        self.kernels.project(patches.contiguous(), x)  # a[x] and bT[x], the frame's content queries and keys
+        a, bT = self.a[x], self.bT[x]  # (K, H, n, d), (K, H, d, n)
+        self.e[x] = patches
         self.beta[x] = torch.matmul(self.ck, a.transpose(-1, -2)).permute(2, 0, 1, 3)  # (P', K, H, n)
-        gamma = torch.matmul(self.cq, b.transpose(-1, -2))  # (K, H, P, n)
+        gamma = torch.matmul(self.cq, bT)  # (K, H, P, n)
         gmx = gamma.amax(-1, keepdim=True)
         self.mu[:, x] = gmx[..., 0].permute(2, 0, 1)
         log_u = (gamma - gmx).permute(2, 0, 1, 3)  # (P, K, H, n)
         self.logU[:, x] = log_u
         torch.clamp(log_u, min=EXP_FLOOR, out=self.U[:, x]).exp_()  # (logU keeps the unfloored values)
         self.Ut[x] = self.U[:, x].permute(1, 2, 3, 0)
-        self.delta[x] = torch.einsum("khnd,khd->khn", a, self.kg)
-        self.eps[x] = torch.einsum("khnd,khd->khn", b, self.qg)
+        self.delta[x] = torch.matmul(a, self.kg[..., None])[..., 0]
+        self.eps[x] = torch.matmul(self.qg[:, :, None], bT)[:, :, 0]
 
         self.kernels.create(x)  # E[x, :], E[:, x], their row maxima, M[x, :], M[:, x]: the big work
         mask = torch.zeros(self.T, dtype=torch.bool, device=self.device)
         mask[filled] = True
+        self.exact_count -= self._exact_rows_of(x)  # counted by slot: a sum over all of `exact` took 2 ms a frame
         self._keep_exact_rows(x, mask)
-        self.exact_count = int(self.exact.sum())
+        self.exact_count += self._exact_rows_of(x)
         self.m[x] = self.mr
         self.m[:, x] = self.mc
+
+    def _exact_rows_of(self, x: int) -> int:
+        """Flagged rows in the blocks of slot x (its row and column blocks, (x, x) once)."""
+        e = self.exact
+        return int(torch.count_nonzero(e[x])) + int(torch.count_nonzero(e[:, x])) - int(torch.count_nonzero(e[x, x]))
 
     def _keep_exact_rows(self, x: int, filled: torch.Tensor) -> None:
         """Flag the new blocks' rows that the factored form cannot carry exactly and put them
@@ -398,6 +413,36 @@ class _StepGroup:
         then runs the reference forward.
         """
         K, H, T, n = self.K, self.H, self.T, self.n
+        exact = self.exact.nonzero(as_tuple=True) if self.exact_count else None
+        if getattr(self.kernels, "fused_weights", False):
+            log_r_exact, wg = self._row_weights_native(pos, exact)
+        else:
+            log_r_exact, wg = self._row_weights_torch(pos, exact)
+        col = self.kernels.columns()  # (F, K, H, n): sum_G U * (r' E), the one pass over the cache
+        if exact is not None:
+            self._exact_columns(exact, pos, log_r_exact, col)
+        # the CLS query's own row, directly
+        sg = self.eps + self.cls_query_pos[pos][..., None]  # (F, K, H, n)
+        row = torch.cat([sg.permute(1, 2, 0, 3).reshape(K, H, T * n), self.s_gg[..., None]], dim=-1).softmax(-1)
+        col = col + row[..., :-1].reshape(K, H, T, n).permute(2, 0, 1, 3)
+        wg = wg + row[..., -1]
+        # sum_F W^F u_F = (sum_F W^F e_F) Wv^T: one GEMM over the window's tokens, shared by every head,
+        # then each head's (d x D) value weights (cheaper than projecting and storing u every frame)
+        y = torch.matmul(col.permute(1, 2, 0, 3).reshape(K * H, T * n), self.e.view(T * n, self.D))  # (K H, D)
+        out = torch.matmul(self.Wv, y.view(K, H, self.D, 1)).view(K, H, self.d)
+        out = out + torch.einsum("fkh,khfd->khd", col.sum(-1), self.cv[:, :, pos])
+        out = (out + wg[..., None] * self.vg) / (1 + T * n)
+        pooled = torch.baddbmm(self.proj_b[:, None], out.reshape(K, 1, self.D), self.proj_w.transpose(1, 2))[:, 0]
+        if not bool(torch.isfinite(pooled).all()):
+            return None
+        return {task: head.classifier(pooled[k]) for k, (task, head) in enumerate(zip(self.tasks, self.heads))}
+
+    def _row_weights_torch(self, pos: torch.Tensor, exact: tuple[torch.Tensor, ...] | None
+                           ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Every cached row's weight ``r'`` into :attr:`r_buf` (0 for exact rows) and ``U`` at the
+        query's position into :attr:`U_buf`; returns the exact rows' ``log r'`` (None without
+        any) and the CLS key's column weight ``(K, H)``."""
+        K, H, T, n = self.K, self.H, self.T, self.n
         # per (G, F) block quantities at the current positions, all (G, F, K, H[, n]), into
         # preallocated buffers (fresh multi-MB temporaries cost page faults every prediction)
         big, M, U, t = self.big_buf, self.M_buf, self.U_buf, self.t_buf
@@ -407,7 +452,6 @@ class _StepGroup:
         torch.index_select(self.U, 0, pos, out=U)  # U^F[:, P_G]
         kappa = self.kappa[:, :, pos][:, :, :, pos].permute(2, 3, 0, 1)  # kappa[P_G, P_F]
         mu = self.mu[pos]  # mu^F[P_G]
-        exact = self.exact.nonzero(as_tuple=True) if bool(self.exact.any()) else None
         if exact is not None:  # their normaliser terms, in the log domain
             M[exact] = self._exact_lse(exact, pos)
         # Row j of block (G, F) adds exp(big + M) to Z_j; big holds the large terms.  log Z_j
@@ -426,26 +470,27 @@ class _StepGroup:
         small = torch.log(t.sum(1).add_(floored_exp_(cls_key - top))).add_(top)  # log Z_j - ref
         log_r = big.sub_(small[:, None])  # log r' (G, F, K, H, n)
         torch.clamp(log_r, min=EXP_FLOOR, out=self.r_buf).exp_()
+        log_r_exact = None
         if exact is not None:
             log_r_exact = log_r[exact]
             self.r_buf[exact] = 0.0  # their E rows hold S - m: kept out of the GEMV
-        col = self.kernels.columns()  # (F, K, H, n): sum_G U * (r' E), the one pass over the cache
-        if exact is not None:
-            self._exact_columns(exact, pos, log_r_exact, col)
-        wg = floored_exp_(cls_key - small).sum((0, 3))  # (K, H): CLS key column
-        # the CLS query's own row, directly
-        sg = self.eps + self.cls_query_pos[pos][..., None]  # (F, K, H, n)
-        row = torch.cat([sg.permute(1, 2, 0, 3).reshape(K, H, T * n), self.s_gg[..., None]], dim=-1).softmax(-1)
-        col = col + row[..., :-1].reshape(K, H, T, n).permute(2, 0, 1, 3)
-        wg = wg + row[..., -1]
-        out = torch.bmm(col.permute(1, 2, 0, 3).reshape(K * H, 1, T * n), self.u.view(K * H, T * n, self.d))
-        out = out.view(K, H, self.d)  # sum_F W^F u_F, with no copy of u (einsum made one, 4.7 MB a frame)
-        out = out + torch.einsum("fkh,khfd->khd", col.sum(-1), self.cv[:, :, pos])
-        out = (out + wg[..., None] * self.vg) / (1 + T * n)
-        pooled = torch.baddbmm(self.proj_b[:, None], out.reshape(K, 1, self.D), self.proj_w.transpose(1, 2))[:, 0]
-        if not bool(torch.isfinite(pooled).all()):
-            return None
-        return {task: head.classifier(pooled[k]) for k, (task, head) in enumerate(zip(self.tasks, self.heads))}
+        return log_r_exact, floored_exp_(cls_key - small).sum((0, 3))  # (K, H): CLS key column
+
+    def _row_weights_native(self, pos: torch.Tensor, exact: tuple[torch.Tensor, ...] | None
+                            ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """:meth:`_row_weights_torch` in one compiled pass (``step_row_weights``): the same
+        arithmetic, each (query slot, attention head)'s rows kept in L1 through it."""
+        K, H, T, n = self.K, self.H, self.T, self.n
+        M = self.M
+        if exact is not None:  # their normaliser terms, in the log domain, into M at the query's position
+            M = self.M_buf
+            torch.index_select(self.M.view(T**3, K, H, n), 0, (self._gf_T + pos[:, None]).view(-1),
+                               out=M.view(T * T, K, H, n))
+            M[exact] = self._exact_lse(exact, pos)
+        row_weights(self.beta, self.kappa, self.m, self.mu, M, self.delta, self.cls_key_pos, self.U,
+                    None if exact is None else self.exact, pos, self.r_buf, None if exact is None else self.big_buf,
+                    self.U_buf, self.wg_buf, EXP_FLOOR)
+        return None if exact is None else self.big_buf[exact], self.wg_buf.sum(0)
 
     # exact rows: ``x_l = (S_jl - m_j) + (gamma_l[P_G] - mu[P_G])``, the row's logits less the
     # block's stabilisers, taken through exp only after the row's own max is subtracted.  x is
@@ -496,10 +541,10 @@ class _StepGroup:
     def flops_per_frame(self, n: int) -> float:
         """Multiply-adds x 2 per new frame (steady state), for the benchmark's GFLOP column."""
         K, H, T, D, d = self.K, self.H, self.T, self.D, self.d
-        qkv = 2 * n * D * 3 * D + 2 * 2 * H * T * n * d  # projection + beta, gamma
+        qkv = 2 * n * D * 2 * D + 2 * 2 * H * T * n * d  # projection (queries, keys) + beta, gamma
         blocks = (2 * T) * H * (2 * n * n * d + 2 * n * n * T)  # S and E @ U, row + column
         gemv = T * T * H * 2 * n * n
-        tail = 2 * (T * n * D) * 2 + 2 * D * D
+        tail = 2 * H * T * n * D + 2 * H * d * D + 2 * D * D  # the weighted token sum, Wv, the output projection
         return float(K * (qkv + blocks + gemv + tail))
 
 

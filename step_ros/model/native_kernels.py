@@ -13,6 +13,19 @@ where no library call does what the engine needs at memory or FMA speed.
   PyTorch needs seven calls per block and three per frame for the same work, each sending
   the block through memory (a new frame for three ViT-S heads, Intel Xeon, 2 threads: 34.8
   against 46.9 ms with either storage; decision 38).
+  With bfloat16 blocks, on a CPU with AMX (Sapphire Rapids and later) and where Linux grants
+  the tile state, ``create_amx_head`` instead makes ``S`` sixteen query rows at a time with the
+  tile unit, from a three-piece bfloat16 split (``x = hi + lo``, products ``hi hi + hi lo +
+  lo hi`` with float32 accumulation: ``S`` within ``3 * 2^-18 sum_i |a_i b_i|``, three times
+  float32 GEMM's own worst case), and ``E @ U`` the same way from ``E``'s two pieces (within
+  ``3 * 2^-18`` relative, all terms positive); ``E``'s hi piece is its stored bfloat16
+  rounding.  The row work between the two stays in AVX-512.  Per new frame of three ViT-S heads:
+  18 against 29 ms (decision 39).  Float32 blocks keep the AVX-512 products, exact to float32
+  rounding.
+* ``step_row_weights``, per prediction: every cached row's weight ``r'`` (the log-domain
+  bookkeeping of :meth:`~step_ros.model.fast_step._StepGroup.predict`) in one pass, each
+  (query slot, attention head)'s rows in L1 -- PyTorch made about fifteen passes over the
+  ``(T, T, K, H, n)`` arrays, each through memory (three ViT-S heads: 2 against about 5 ms).
 * ``step_columns_bf16``, per prediction with bfloat16 blocks: for every key slot, STEP head and
   attention head ``o`` and key ``l``::
 
@@ -25,16 +38,18 @@ where no library call does what the engine needs at memory or FMA speed.
   than float32; decision 37).
 
 C99 with AVX-512 intrinsics where the CPU has them (F, BW and VL: Skylake-X and later, AMD
-Zen 4) and plain C elsewhere, compiled with the machine's C compiler the first time it is
-needed, cached in :func:`~step_ros.resources.default_cache_dir` and loaded with ``ctypes`` (no
-Python headers, no build step at install).  Without AVX-512 the block creation's plain C is
-slower than PyTorch's, so the ``native`` kernels then create blocks with PyTorch ops
-(:func:`fused_create_available`); where no compiler works at all, the bfloat16 pass falls back
-to PyTorch ops with the same result to float32 rounding, and says so once in the log.
+Zen 4; AMX tiles and AVX512-BF16 where the compiler and CPU have them) and plain C elsewhere,
+compiled with the machine's C compiler the first time it is needed, cached in
+:func:`~step_ros.resources.default_cache_dir` and loaded with ``ctypes`` (no Python headers, no
+build step at install).  Without AVX-512 the block creation's plain C is slower than PyTorch's,
+so the ``native`` kernels then create blocks with PyTorch ops (:func:`fused_create_available`);
+where no compiler works at all, the bfloat16 pass falls back to PyTorch ops with the same result
+to float32 rounding, and says so once in the log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -45,7 +60,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -54,12 +69,19 @@ from ..resources import default_cache_dir
 log = logging.getLogger(__name__)
 
 C_SOURCE = r"""
+#define _GNU_SOURCE /* syscall, posix_memalign */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define STEP_AVX512 1
 #include <immintrin.h>
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && defined(__x86_64__)
+#define STEP_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 /* ---- the pass over bfloat16 blocks ---------------------------------------------------------- */
@@ -322,6 +344,369 @@ static void create_avx512(const block_job *jb, long n, long d, long T, int bf16,
 }
 #endif
 
+#if STEP_AMX
+/* ---- S = q key with AMX: bfloat16 tiles, three-piece split ------------------------------------
+   x = hi + lo + r, hi = bf16(x), lo = bf16(x - hi), |r| <= 2^-18 |x|; S = qh kh + qh kl + ql kh
+   with float32 accumulation in the tile unit.  What is left out (ql kl, and the r terms) is at
+   most 3 * 2^-18 |q_i key_i| per product: S to within 1.2e-5 sum_i |q_i key_i|, float32 GEMM's
+   own worst case being d 2^-24 sum_i |q_i key_i| (3.8e-6 at d = 64).  Used for bfloat16 blocks,
+   whose 2^-8 rounding of E is 300 times larger. */
+
+typedef struct __attribute__((packed, aligned(64))) {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} amx_config;
+
+/* 1 where Linux lets this process use the tile registers (asked once; each thread's tiles are
+   configured where it uses them). */
+int step_amx_enable(void) {
+  if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) != 0) return 0;
+  unsigned long granted = 0;
+  if (syscall(SYS_arch_prctl, 0x1022 /* ARCH_GET_XCOMP_PERM */, &granted) != 0) return 0;
+  return (granted >> 18) & 1u;
+}
+
+static void amx_configure(void) {
+  amx_config cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+  _tile_loadconfig(&cfg);
+}
+
+/* hi and lo halves of 16 floats, as the top 16 bits of 32-bit lanes (round to nearest even). */
+static inline void split16(__m512 x, __m512i *hi, __m512i *lo) {
+  const __m512i mask = _mm512_set1_epi32((int)0xFFFF0000u), half = _mm512_set1_epi32(0x7FFF);
+  __m512i u = _mm512_castps_si512(x);
+  u = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                                   _mm512_set1_epi32(1)))), mask);
+  __m512i v = _mm512_castps_si512(_mm512_sub_ps(x, _mm512_castsi512_ps(u)));
+  v = _mm512_and_si512(_mm512_add_epi32(v, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(v, 16),
+                                                                                   _mm512_set1_epi32(1)))), mask);
+  *hi = u;
+  *lo = v;
+}
+
+/* q (n, d) float32 -> qh, ql (n16, dp) bfloat16 rows; rows and columns past n, d are zero. */
+static void amx_pack_q(const float *q, long n, long d, long n16, long dp, uint16_t *qh, uint16_t *ql) {
+  if (n16 > n || dp > d) { /* padding: zero */
+    memset(qh, 0, n16 * dp * 2);
+    memset(ql, 0, n16 * dp * 2);
+  }
+  for (long j = 0; j < n; ++j)
+    for (long k = 0; k < d; k += 16) {
+      __m512i h, l;
+      split16(_mm512_maskz_loadu_ps(lanes(d - k), q + j * d + k), &h, &l);
+      _mm256_mask_storeu_epi16(qh + j * dp + k, lanes(d - k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16)));
+      _mm256_mask_storeu_epi16(ql + j * dp + k, lanes(d - k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(l, 16)));
+    }
+}
+
+/* key (d, n) float32 -> kh, kl in the tile unit's pair layout (dp / 2, np, 2): [k/2][l][k%2]. */
+static void amx_pack_key(const float *key, long n, long d, long np, long dp, uint16_t *kh, uint16_t *kl) {
+  const __m512i low16 = _mm512_set1_epi32(0xFFFF);
+  for (long kp = 0; kp < dp / 2; ++kp)
+    for (long l = 0; l < np; l += 16) {
+      const __mmask16 m = l < n ? lanes(n - l) : 0;
+      const long k0 = 2 * kp, k1 = 2 * kp + 1;
+      const __m512 x0 = k0 < d ? _mm512_maskz_loadu_ps(m, key + k0 * n + l) : _mm512_setzero_ps();
+      const __m512 x1 = k1 < d ? _mm512_maskz_loadu_ps(m, key + k1 * n + l) : _mm512_setzero_ps();
+      __m512i h0, l0, h1, l1;
+      split16(x0, &h0, &l0);
+      split16(x1, &h1, &l1);
+      _mm512_storeu_si512(kh + (kp * np + l) * 2,
+                          _mm512_or_si512(h1, _mm512_and_si512(_mm512_srli_epi32(h0, 16), low16)));
+      _mm512_storeu_si512(kl + (kp * np + l) * 2,
+                          _mm512_or_si512(l1, _mm512_and_si512(_mm512_srli_epi32(l0, 16), low16)));
+    }
+}
+
+/* u (n, T) float32 -> uh, ul in the pair layout (np / 2, 16, 2), T <= 16; rows past n and columns
+   past T are zero. */
+static void amx_pack_u(const float *u, long n, long T, long np, uint16_t *uh, uint16_t *ul) {
+  const __m512i low16 = _mm512_set1_epi32(0xFFFF);
+  const __mmask16 tm = lanes(T);
+  for (long lp = 0; lp < np / 2; ++lp) {
+    const long l0 = 2 * lp, l1 = 2 * lp + 1;
+    const __m512 x0 = l0 < n ? _mm512_maskz_loadu_ps(tm, u + l0 * T) : _mm512_setzero_ps();
+    const __m512 x1 = l1 < n ? _mm512_maskz_loadu_ps(tm, u + l1 * T) : _mm512_setzero_ps();
+    __m512i h0, lo0, h1, lo1;
+    split16(x0, &h0, &lo0);
+    split16(x1, &h1, &lo1);
+    _mm512_storeu_si512(uh + lp * 32, _mm512_or_si512(h1, _mm512_and_si512(_mm512_srli_epi32(h0, 16), low16)));
+    _mm512_storeu_si512(ul + lp * 32, _mm512_or_si512(lo1, _mm512_and_si512(_mm512_srli_epi32(lo0, 16), low16)));
+  }
+}
+
+#define AMX_ROWS 16
+
+typedef struct { /* one operand set in tile layouts: query rows, key pairs, u pairs (hi and lo each) */
+  uint16_t *qh, *ql, *kh, *kl, *uh, *ul;
+} amx_operands;
+
+typedef struct {
+  long n, d, T, np, n16, dp;
+} amx_dims;
+
+static amx_dims amx_dims_of(long n, long d, long T) {
+  amx_dims z = {n, d, T, (n + 31) / 32 * 32, (n + 15) / 16 * 16, (d + 31) / 32 * 32};
+  return z;
+}
+
+/* bfloat16 elements of one operand set */
+static long amx_operand_elems(amx_dims z) { return 2 * z.n16 * z.dp + 2 * z.dp * z.np + 2 * z.np * 16; }
+
+static amx_operands amx_operands_at(uint16_t *base, amx_dims z) {
+  amx_operands o;
+  o.qh = base;
+  o.ql = o.qh + z.n16 * z.dp;
+  o.kh = o.ql + z.n16 * z.dp;
+  o.kl = o.kh + z.dp * z.np;
+  o.uh = o.kl + z.dp * z.np;
+  o.ul = o.uh + z.np * 16;
+  return o;
+}
+
+/* One block with bfloat16 storage, sixteen query rows at a time: S by the tile unit (three-piece
+   split, see above) into an L1 stripe; per row the max, exp and the store of E rounded to
+   bfloat16 (non-temporal), whose rounding is the split's hi part, so E's hi and lo parts go to
+   two small tiles as they are made; E u by the tile unit again, three-piece (all its terms are
+   positive: within 3 * 2^-18 relative, plus float32 accumulation), and its log.
+   q: the query operand's qh/ql, k: the key operand's kh/kl and uh/ul.  work: AMX_ROWS * np floats
+   + AMX_ROWS * 16 floats + 2 * AMX_ROWS * np bfloat16. */
+static void amx_block(const amx_operands *q, const amx_operands *k, const block_job *jb, amx_dims z, float floor,
+                      float *work) {
+  const long n = z.n, np = z.np, dp = z.dp, T = z.T;
+  float *stripe = work, *eu = stripe + AMX_ROWS * np;
+  uint16_t *eh = (uint16_t *)(eu + AMX_ROWS * 16), *el = eh + AMX_ROWS * np;
+  const __mmask16 tm = lanes(T);
+  const int stream = n % 32 == 0 && (uintptr_t)jb->e % 64 == 0;
+  const __m512 fl = _mm512_set1_ps(floor);
+  for (long j0 = 0; j0 < n; j0 += AMX_ROWS) {
+    const long R = n - j0 < AMX_ROWS ? n - j0 : AMX_ROWS;
+    for (long c0 = 0; c0 < np; c0 += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      for (long k0 = 0; k0 < dp; k0 += 32) {
+        _tile_loadd(2, q->qh + j0 * dp + k0, dp * 2);
+        _tile_loadd(3, q->ql + j0 * dp + k0, dp * 2);
+        _tile_loadd(4, k->kh + (k0 / 2 * np + c0) * 2, np * 4);
+        _tile_loadd(5, k->kh + (k0 / 2 * np + c0 + 16) * 2, np * 4);
+        _tile_loadd(6, k->kl + (k0 / 2 * np + c0) * 2, np * 4);
+        _tile_loadd(7, k->kl + (k0 / 2 * np + c0 + 16) * 2, np * 4);
+        _tile_dpbf16ps(0, 3, 4); /* the small products first */
+        _tile_dpbf16ps(1, 3, 5);
+        _tile_dpbf16ps(0, 2, 6);
+        _tile_dpbf16ps(1, 2, 7);
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_dpbf16ps(1, 2, 5);
+      }
+      _tile_stored(0, stripe + c0, np * 4);
+      _tile_stored(1, stripe + c0 + 16, np * 4);
+    }
+    if (R < AMX_ROWS) { /* past the last row: zero E parts, so that their E u rows are zero */
+      memset(eh + R * np, 0, (AMX_ROWS - R) * np * 2);
+      memset(el + R * np, 0, (AMX_ROWS - R) * np * 2);
+    }
+    for (long r = 0; r < R; ++r) {
+      const float *row = stripe + r * np;
+      __m512 mx = _mm512_set1_ps(-INFINITY);
+      for (long l = 0; l < n; l += 16) mx = _mm512_mask_max_ps(mx, lanes(n - l), mx, _mm512_loadu_ps(row + l));
+      const float m = _mm512_reduce_max_ps(mx);
+      jb->m[j0 + r] = m;
+      const __m512 mv = _mm512_set1_ps(m);
+      uint16_t *dst = (uint16_t *)jb->e + (j0 + r) * n;
+      for (long l = 0; l < np; l += 32) {
+        const __mmask16 m0 = l < n ? lanes(n - l) : 0, m1 = l + 16 < n ? lanes(n - l - 16) : 0;
+        const __m512 x0 = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(row + l), mv), fl);
+        const __m512 x1 = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(row + l + 16), mv), fl);
+        const __m512 e0 = _mm512_maskz_mov_ps(m0, exp512(x0)), e1 = _mm512_maskz_mov_ps(m1, exp512(x1));
+        const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(e1, e0); /* 32 bfloat16, rounded to nearest even */
+        const __m512i h0i = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(h));
+        const __m512i h1i = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1));
+        const __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(h0i, 16));
+        const __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(h1i, 16));
+        _mm512_storeu_si512(eh + r * np + l, h);
+        const __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(e1, h1), _mm512_sub_ps(e0, h0));
+        _mm512_storeu_si512(el + r * np + l, lo);
+        if (stream && l + 32 <= n) _mm512_stream_si512((void *)(dst + l), h);
+        else if (m0) _mm512_mask_storeu_epi16(dst + l, ((__mmask32)m1 << 16) | m0, h);
+      }
+    }
+    _tile_zero(0); /* E u: (16 x np) @ (np x 16) */
+    for (long k0 = 0; k0 < np; k0 += 32) {
+      _tile_loadd(2, eh + k0, np * 2);
+      _tile_loadd(3, el + k0, np * 2);
+      _tile_loadd(4, k->uh + k0 * 16, 64);
+      _tile_loadd(6, k->ul + k0 * 16, 64);
+      _tile_dpbf16ps(0, 3, 4);
+      _tile_dpbf16ps(0, 2, 6);
+      _tile_dpbf16ps(0, 2, 4);
+    }
+    _tile_stored(0, eu, 64);
+    float lg[AMX_ROWS][16];
+    for (long r = 0; r < R; ++r) {
+      const __m512 v = log512(_mm512_mask_mov_ps(_mm512_set1_ps(1.0f), tm, _mm512_loadu_ps(eu + r * 16)));
+      _mm512_storeu_ps(lg[r], v);
+      jb->low[j0 + r] = _mm512_mask_reduce_min_ps(tm, v);
+    }
+    for (long P = 0; P < T; ++P)
+      for (long r = 0; r < R; ++r) jb->M[P * jb->stride + j0 + r] = lg[r][P];
+  }
+}
+
+static long amx_scratch_floats(long n, long d, long T) {
+  const amx_dims z = amx_dims_of(n, d, T);
+  return AMX_ROWS * z.np + AMX_ROWS * 16 + AMX_ROWS * z.np + 2 * amx_operand_elems(z) / 2 + 64;
+}
+
+/* Every new block of attention head o of the frame in slot x (see step_create_blocks): the new
+   frame's query, key and u in tile layouts once, each other slot's as its two blocks need them. */
+static void create_amx_head(const float *a, const float *bT, const float *Ut, void *E, float *M, float *mr, float *mc,
+                            float *minr, float *minc, long x, long O, long o, amx_dims z, float floor,
+                            float *scratch) {
+  const long n = z.n, d = z.d, T = z.T;
+  float *work = scratch;
+  uint16_t *ops = (uint16_t *)(work + AMX_ROWS * z.np + AMX_ROWS * 16 + AMX_ROWS * z.np);
+  const uintptr_t al = ((uintptr_t)ops + 63) & ~(uintptr_t)63;
+  ops = (uint16_t *)al;
+  amx_operands nx = amx_operands_at(ops, z), other = amx_operands_at(ops + amx_operand_elems(z), z);
+  amx_pack_q(a + (x * O + o) * n * d, n, d, z.n16, z.dp, nx.qh, nx.ql);
+  amx_pack_key(bT + (x * O + o) * d * n, n, d, z.np, z.dp, nx.kh, nx.kl);
+  amx_pack_u(Ut + (x * O + o) * n * T, n, T, z.np, nx.uh, nx.ul);
+  for (long s = 0; s < T; ++s) {
+    block_job jb;
+    const amx_operands *k = &nx;
+    if (s != x) {
+      amx_pack_key(bT + (s * O + o) * d * n, n, d, z.np, z.dp, other.kh, other.kl);
+      amx_pack_u(Ut + (s * O + o) * n * T, n, T, z.np, other.uh, other.ul);
+      k = &other;
+    }
+    jb.e = (char *)E + ((x * T + s) * O + o) * n * n * 2; /* row block (x, s) */
+    jb.m = mr + (s * O + o) * n;
+    jb.low = minr + (s * O + o) * n;
+    jb.M = M + (x * T + s) * T * O * n + o * n;
+    jb.stride = O * n;
+    amx_block(&nx, k, &jb, z, floor, work);
+    if (s == x) continue;
+    amx_pack_q(a + (s * O + o) * n * d, n, d, z.n16, z.dp, other.qh, other.ql);
+    jb.e = (char *)E + ((s * T + x) * O + o) * n * n * 2; /* column block (s, x) */
+    jb.m = mc + (s * O + o) * n;
+    jb.low = minc + (s * O + o) * n;
+    jb.M = M + (s * T + x) * T * O * n + o * n;
+    amx_block(&other, &nx, &jb, z, floor, work);
+  }
+}
+#else
+int step_amx_enable(void) { return 0; }
+#endif
+
+#if STEP_AVX512
+/* ---- per prediction: every cached row's weight r' (see fast_step._StepGroup.predict) ----------
+   For query slot G and attention head o, row j of block (G, F) adds exp(big + M) to the row's
+   normaliser, big = beta[G, P_F] + kappa[P_G, P_F] + m[G, F] + mu[P_G, F] (P = the slots'
+   positions) and M = M[G, F, P_G]; the CLS key adds exp(cls), cls = delta[G] + clspos[P_G].
+   log Z is held as ref + small, ref = max(cls, max_F big), and r' = exp(big - ref - small),
+   each exp argument floored.  One job per (G, o): its T rows of n stay in L1 through the four
+   passes that PyTorch made over the whole (T, T, O, n) arrays, each in memory.  Also copied: U at
+   the query's position (for the pass over the blocks), and, where exact rows exist, log r' for
+   all rows (their r' is 0: their blocks hold S - m).
+   Layouts: beta, m, U, r, logr, Ubuf (T, T, O, n); kappa (O, T, T); mu (T, T, O); M (T, T, T, O,
+   n) [G, F, P], or (T, T, O, n) [G, F] already taken at P_G when gathered; delta (T, O, n);
+   clspos (T, O); exact (T, T, O, n) bytes or NULL; wg (T, O): the CLS key's weight, per (G, o). */
+void step_row_weights(const float *beta, const float *kappa, const float *m, const float *mu, const float *M,
+                      int gathered, const float *delta, const float *clspos, const float *U, const uint8_t *exact,
+                      const long *pos, float *r, float *logr, float *Ubuf, float *wg, long T, long O, long n,
+                      float floor, int threads) {
+  const __m512 fl = _mm512_set1_ps(floor);
+#pragma omp parallel num_threads(threads)
+  {
+    float big[T * n], cls[n], ref[n], top[n], small[n];
+#pragma omp for schedule(static)
+    for (long i = 0; i < T * O; ++i) {
+      const long G = i / O, o = i % O, PG = pos[G];
+      for (long j = 0; j < n; j += 16) {
+        const __mmask16 lm = lanes(n - j);
+        const __m512 c = _mm512_add_ps(_mm512_maskz_loadu_ps(lm, delta + (G * O + o) * n + j),
+                                       _mm512_set1_ps(clspos[PG * O + o]));
+        _mm512_mask_storeu_ps(cls + j, lm, c);
+        _mm512_mask_storeu_ps(ref + j, lm, c);
+      }
+      for (long F = 0; F < T; ++F) {
+        const long gf = (G * T + F) * O + o;
+        const __m512 kap = _mm512_set1_ps(kappa[(o * T + PG) * T + pos[F]]);
+        const __m512 mu_ = _mm512_set1_ps(mu[(PG * T + F) * O + o]);
+        const float *bt = beta + ((G * T + pos[F]) * O + o) * n, *mm = m + gf * n;
+        for (long j = 0; j < n; j += 16) {
+          const __mmask16 lm = lanes(n - j);
+          const __m512 b = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(lm, bt + j), kap),
+                                                       _mm512_maskz_loadu_ps(lm, mm + j)), mu_);
+          _mm512_mask_storeu_ps(big + F * n + j, lm, b);
+          _mm512_mask_storeu_ps(ref + j, lm, _mm512_max_ps(_mm512_maskz_loadu_ps(lm, ref + j), b));
+        }
+        memcpy(Ubuf + gf * n, U + ((PG * T + F) * O + o) * n, n * sizeof(float));
+      }
+      for (long j = 0; j < n; j += 16) { /* cls - ref: the CLS key's term, and the first candidate for top */
+        const __mmask16 lm = lanes(n - j);
+        const __m512 c = _mm512_sub_ps(_mm512_maskz_loadu_ps(lm, cls + j), _mm512_maskz_loadu_ps(lm, ref + j));
+        _mm512_mask_storeu_ps(cls + j, lm, c);
+        _mm512_mask_storeu_ps(top + j, lm, c);
+      }
+      for (long F = 0; F < T; ++F) {
+        const long gf = (G * T + F) * O + o;
+        const float *mg = gathered ? M + gf * n : M + ((G * T + F) * T + PG) * O * n + o * n;
+        for (long j = 0; j < n; j += 16) {
+          const __mmask16 lm = lanes(n - j);
+          const __m512 b =
+              _mm512_sub_ps(_mm512_maskz_loadu_ps(lm, big + F * n + j), _mm512_maskz_loadu_ps(lm, ref + j));
+          _mm512_mask_storeu_ps(big + F * n + j, lm, b);
+          _mm512_mask_storeu_ps(top + j, lm, _mm512_max_ps(_mm512_maskz_loadu_ps(lm, top + j),
+                                                           _mm512_add_ps(b, _mm512_maskz_loadu_ps(lm, mg + j))));
+        }
+      }
+      for (long j = 0; j < n; j += 16) { /* small = log Z - ref */
+        const __mmask16 lm = lanes(n - j);
+        const __m512 tp = _mm512_maskz_loadu_ps(lm, top + j);
+        __m512 sum = _mm512_setzero_ps();
+        for (long F = 0; F < T; ++F) {
+          const long gf = (G * T + F) * O + o;
+          const float *mg = gathered ? M + gf * n : M + ((G * T + F) * T + PG) * O * n + o * n;
+          const __m512 t = _mm512_add_ps(_mm512_maskz_loadu_ps(lm, big + F * n + j), _mm512_maskz_loadu_ps(lm, mg + j));
+          sum = _mm512_add_ps(sum, exp512(_mm512_max_ps(_mm512_sub_ps(t, tp), fl)));
+        }
+        sum = _mm512_add_ps(sum, exp512(_mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lm, cls + j), tp), fl)));
+        sum = _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), lm, sum);
+        _mm512_mask_storeu_ps(small + j, lm, _mm512_add_ps(log512(sum), tp));
+      }
+      __m512 w = _mm512_setzero_ps();
+      for (long j = 0; j < n; j += 16) {
+        const __mmask16 lm = lanes(n - j);
+        const __m512 c = _mm512_sub_ps(_mm512_maskz_loadu_ps(lm, cls + j), _mm512_maskz_loadu_ps(lm, small + j));
+        w = _mm512_add_ps(w, _mm512_maskz_mov_ps(lm, exp512(_mm512_max_ps(c, fl))));
+      }
+      wg[G * O + o] = _mm512_reduce_add_ps(w);
+      for (long F = 0; F < T; ++F) {
+        const long gf = (G * T + F) * O + o;
+        for (long j = 0; j < n; j += 16) {
+          const __mmask16 lm = lanes(n - j);
+          const __m512 lr =
+              _mm512_sub_ps(_mm512_maskz_loadu_ps(lm, big + F * n + j), _mm512_maskz_loadu_ps(lm, small + j));
+          __m512 rv = exp512(_mm512_max_ps(lr, fl));
+          if (exact) {
+            const __mmask16 ex = _mm512_mask_test_epi32_mask(
+                lm, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lm, exact + gf * n + j)), _mm512_set1_epi32(0xFF));
+            rv = _mm512_mask_mov_ps(rv, ex, _mm512_setzero_ps());
+          }
+          _mm512_mask_storeu_ps(r + gf * n + j, lm, rv);
+          if (logr) _mm512_mask_storeu_ps(logr + gf * n + j, lm, lr);
+        }
+      }
+    }
+  }
+}
+#endif
+
 /* 512 where the block creation runs in AVX-512 (for T <= 16), else 0 (plain C, slower than PyTorch). */
 int step_create_simd(void) {
 #if STEP_AVX512
@@ -337,9 +722,35 @@ int step_create_simd(void) {
    bfloat16, M (T, T, T, O, n) [G, F, P, o, j], mr, mc, minr and minc (T, O, n). */
 void step_create_blocks(const float *a, const float *bT, const float *Ut, void *E, float *M, float *mr,
                         float *mc, float *minr, float *minc, long x, long T, long O, long n, long d, int bf16,
-                        float floor, int threads) {
+                        int amx, float floor, int threads) {
   const long jobs = 2 * T * O;
   const size_t es = bf16 ? 2 : 4;
+#if STEP_AMX
+  if (amx && bf16 && T <= 16) { /* one job per attention head: its 2T - 1 blocks */
+    const amx_dims z = amx_dims_of(n, d, T);
+    int missed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+      float *scratch = NULL;
+      if (posix_memalign((void **)&scratch, 64, amx_scratch_floats(n, d, T) * sizeof(float)) != 0) scratch = NULL;
+      if (scratch) amx_configure();
+#pragma omp for schedule(dynamic, 1)
+      for (long o = 0; o < O; ++o) {
+        if (scratch) create_amx_head(a, bT, Ut, E, M, mr, mc, minr, minc, x, O, o, z, floor, scratch);
+        else {
+#pragma omp atomic write
+          missed = 1;
+        }
+      }
+      if (scratch) {
+        _tile_release();
+        free(scratch);
+      }
+      _mm_sfence();
+    }
+    if (!missed) return; /* else (no memory for a thread's scratch) every block again, below */
+  }
+#endif
 #pragma omp parallel num_threads(threads)
   {
     float stripe[6 * ((n + 63) / 64 * 64)];
@@ -382,6 +793,7 @@ FLAG_SETS = (
 
 _lock = threading.Lock()
 _loaded: dict[str, Any] = {}  # "lib": the ctypes library or None, "why": why not
+_amx_off = False  # see without_amx
 
 
 def _cpu_signature() -> str:
@@ -444,11 +856,17 @@ def load_native(cache_dir: Path | None = None) -> Any:
             native.step_columns_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
             native.step_create_blocks.restype = None
             native.step_create_blocks.argtypes = ([ctypes.c_void_p] * 9 + [ctypes.c_long] * 5
-                                                  + [ctypes.c_int, ctypes.c_float, ctypes.c_int])
+                                                  + [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int])
+            native.step_amx_enable.restype = ctypes.c_int
             native.step_create_simd.restype = ctypes.c_int
+            if native.step_create_simd() == 512:
+                native.step_row_weights.restype = None
+                native.step_row_weights.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_void_p] * 9
+                                                    + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int])
             simd = "AVX-512" if native.step_create_simd() == 512 else "plain C"
-            _loaded.update(lib=native, simd=simd == "AVX-512", why=f"compiled with {cc} {' '.join(flags)} ({simd})",
-                           path=str(lib))
+            amx = bool(native.step_amx_enable())  # compiled in, and Linux grants the tile state
+            _loaded.update(lib=native, simd=simd == "AVX-512", amx=amx, path=str(lib),
+                           why=f"compiled with {cc} {' '.join(flags)} ({simd}{', AMX' if amx else ''})")
             log.info("compiled kernels: %s (%s)", native_status(), lib)
             return native
         _loaded.update(lib=None, simd=False, why="; ".join(errors))
@@ -507,9 +925,28 @@ def fused_create_available(frames: int) -> bool:
     return load_native() is not None and bool(_loaded.get("simd")) and frames <= FUSED_MAX_FRAMES
 
 
+def amx_available() -> bool:
+    """Whether :func:`create_blocks` makes bfloat16 blocks with the AMX tile unit here: compiled in
+    (a compiler and CPU with AMX-BF16), the tile state granted by Linux, and not turned off
+    (:func:`without_amx`)."""
+    return fused_create_available(1) and bool(_loaded.get("amx")) and not _amx_off
+
+
+@contextlib.contextmanager
+def without_amx() -> Iterator[None]:
+    """Inside: bfloat16 blocks made by the AVX-512 code, as on a CPU without AMX (the bench's
+    lever-by-lever rows; the thread that runs the engine)."""
+    global _amx_off
+    saved, _amx_off = _amx_off, True
+    try:
+        yield
+    finally:
+        _amx_off = saved
+
+
 def create_blocks(a: torch.Tensor, bT: torch.Tensor, Ut: torch.Tensor, E: torch.Tensor, M: torch.Tensor,
                   mr: torch.Tensor, mc: torch.Tensor, minr: torch.Tensor, minc: torch.Tensor, x: int,
-                  floor: float) -> None:
+                  floor: float, amx: bool = False) -> None:
     """The new blocks of frame slot ``x`` (see ``step_create_blocks`` above), written in place:
     ``E[x, :]`` and ``E[:, x]`` (float32 or bfloat16), ``M[x, :]`` and ``M[:, x]`` (``log(E @
     U)`` for every position), and for blocks ``(x, s)`` / ``(s, x)`` the row maxima ``mr[s]`` /
@@ -533,9 +970,54 @@ def create_blocks(a: torch.Tensor, bT: torch.Tensor, Ut: torch.Tensor, E: torch.
         raise RuntimeError(f"create_blocks: no compiled kernels ({native_status()})")
     lib.step_create_blocks(a.data_ptr(), bT.data_ptr(), Ut.data_ptr(), E.data_ptr(), M.data_ptr(), mr.data_ptr(),
                            mc.data_ptr(), minr.data_ptr(), minc.data_ptr(), x, T, O, n, d,
-                           int(E.dtype == torch.bfloat16), floor, torch.get_num_threads())
+                           int(E.dtype == torch.bfloat16), int(amx and amx_available()), floor,
+                           torch.get_num_threads())
 
 
-__all__ = ["C_SOURCE", "FLAG_SETS", "FUSED_MAX_FRAMES", "columns_bf16", "create_blocks", "fused_create_available",
-           "load_native",
-           "native_status"]
+def row_weights_available() -> bool:
+    """Whether :func:`row_weights` can run here (the compiled kernels, with AVX-512)."""
+    return load_native() is not None and bool(_loaded.get("simd"))
+
+
+def row_weights(beta: torch.Tensor, kappa: torch.Tensor, m: torch.Tensor, mu: torch.Tensor, M: torch.Tensor,
+                delta: torch.Tensor, clspos: torch.Tensor, U: torch.Tensor, exact: torch.Tensor | None,
+                pos: torch.Tensor, r: torch.Tensor, logr: torch.Tensor | None, Ubuf: torch.Tensor, wg: torch.Tensor,
+                floor: float) -> None:
+    """Every cached row's weight ``r'`` at window positions ``pos`` (``step_row_weights`` above),
+    written into ``r`` (0 where ``exact``), ``U`` at each query slot's position into ``Ubuf``,
+    ``log r'`` into ``logr`` (if given) and the CLS key's weight per (query slot, head) into
+    ``wg``.  Shapes, with O attention heads over all STEP heads: ``beta``, ``m``, ``U``, ``r``,
+    ``logr``, ``Ubuf``, ``exact`` ``(T, T, O, n)``; ``kappa (O, T, T)``; ``mu (T, T, O)``; ``M``
+    ``(T, T, T, O, n)`` or, already taken at the positions, ``(T, T, O, n)``; ``delta (T, O, n)``;
+    ``clspos``, ``wg`` ``(T, O)``; ``pos (T,)`` int64.  CPU, contiguous (any view of those shapes)."""
+    T = pos.shape[0]
+    n = beta.shape[-1]
+    O = beta.numel() // (T * T * n)
+    want = {"beta": (beta, T * T * O * n), "kappa": (kappa, O * T * T), "m": (m, T * T * O * n),
+            "mu": (mu, T * T * O), "delta": (delta, T * O * n), "clspos": (clspos, T * O), "U": (U, T * T * O * n),
+            "r": (r, T * T * O * n), "Ubuf": (Ubuf, T * T * O * n), "wg": (wg, T * O)}
+    if logr is not None:
+        want["logr"] = (logr, T * T * O * n)
+    gathered = M.numel() == T * T * O * n
+    want["M"] = (M, T * T * O * n if gathered else T * T * T * O * n)
+    for name, (t, size) in want.items():
+        if t.numel() != size or t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"row_weights: {name} is {tuple(t.shape)} {t.dtype} on {t.device}; expected {size} "
+                             f"contiguous float32 values on the CPU (T={T}, O={O}, n={n})")
+    if exact is not None and (exact.numel() != T * T * O * n or exact.dtype != torch.bool or not exact.is_contiguous()):
+        raise ValueError(f"row_weights: exact is {tuple(exact.shape)} {exact.dtype}; expected {T * T * O * n} "
+                         f"contiguous bools")
+    if pos.dtype != torch.int64 or not pos.is_contiguous() or pos.device.type != "cpu":
+        raise ValueError(f"row_weights: pos is {pos.dtype} on {pos.device}; expected int64 on the CPU")
+    lib = load_native()
+    if lib is None or not _loaded.get("simd"):
+        raise RuntimeError(f"row_weights: no compiled AVX-512 kernels ({native_status()})")
+    lib.step_row_weights(beta.data_ptr(), kappa.data_ptr(), m.data_ptr(), mu.data_ptr(), M.data_ptr(), int(gathered),
+                         delta.data_ptr(), clspos.data_ptr(), U.data_ptr(), 0 if exact is None else exact.data_ptr(),
+                         pos.data_ptr(), r.data_ptr(), 0 if logr is None else logr.data_ptr(), Ubuf.data_ptr(),
+                         wg.data_ptr(), T, O, n, floor, torch.get_num_threads())
+
+
+__all__ = ["C_SOURCE", "FLAG_SETS", "FUSED_MAX_FRAMES", "amx_available", "columns_bf16", "create_blocks",
+           "fused_create_available", "load_native", "native_status", "row_weights", "row_weights_available",
+           "without_amx"]

@@ -133,7 +133,8 @@ def check_cache(folder: Path | None) -> tuple[str, str]:
 
 
 def check_native_kernels() -> tuple[str, str]:
-    from .model.native_kernels import FUSED_MAX_FRAMES, fused_create_available, load_native, native_status
+    from .model.native_kernels import (FUSED_MAX_FRAMES, amx_available, fused_create_available, load_native,
+                                       native_status)
 
     if load_native() is None:  # compiled here on first use, as the node does in its warm-up
         return WARN, (f"{native_status()}; head_kernels native and head_block_dtype bfloat16 then run PyTorch "
@@ -141,6 +142,8 @@ def check_native_kernels() -> tuple[str, str]:
     if not fused_create_available(FUSED_MAX_FRAMES):
         return OK, (f"{native_status()}; the fused block creation needs AVX-512, so head_kernels native creates "
                     f"blocks with PyTorch ops here")
+    if amx_available():
+        return OK, f"{native_status()}; bfloat16 blocks are made by the AMX tile unit"
     return OK, native_status()
 
 

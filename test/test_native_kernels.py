@@ -204,3 +204,52 @@ def test_native_kernels_without_a_compiler_create_blocks_with_pytorch(monkeypatc
     assert runner.kernels == "native"
     assert any("create blocks with PyTorch ops" in r.getMessage() and "no C compiler" in r.getMessage()
                for r in records)
+
+
+# -- the prediction's row weights ---------------------------------------------------------------
+
+@pytest.mark.parametrize("qk_scale", [1.0, 40.0])
+def test_compiled_row_weights_equal_pytorchs(qk_scale):
+    """``step_row_weights`` against the engine's PyTorch bookkeeping on the same caches, at a
+    shuffled window order: every row weight ``r'`` (0 for exact rows), ``U`` at the query slots'
+    positions, the exact rows' ``log r'`` (qk_scale 40 makes them) and the CLS key's weight."""
+    from test_fast_step import D, N_TOK, T, make_heads
+
+    if not native_kernels.row_weights_available():
+        pytest.skip(f"no compiled AVX-512 kernels here: {native_kernels.native_status()}")
+    heads = {k: h for k, h in make_heads(qk_scale=qk_scale).items() if k.startswith("step")}
+    runner = FastStepRunner(heads, kernels="native")
+    frames = torch.randn(2 * T, 1 + N_TOK, D, generator=torch.Generator().manual_seed(1))
+    for i in range(T + 2):
+        runner.add_frame(i, frames[i])
+    g = runner.groups[0]
+    assert g.kernels.fused_weights
+    pos = torch.randperm(T, generator=torch.Generator().manual_seed(2))
+    exact = g.exact.nonzero(as_tuple=True) if g.exact_count else None
+    assert (exact is not None) == (qk_scale > 1)
+    with torch.inference_mode():
+        log_native, wg_native = g._row_weights_native(pos, exact)
+        r_native, u_native = g.r_buf.clone(), g.U_buf.clone()
+        g.r_buf.fill_(-1.0)
+        g.U_buf.fill_(-1.0)
+        log_torch, wg_torch = g._row_weights_torch(pos, exact)
+    torch.testing.assert_close(r_native, g.r_buf, rtol=1e-5, atol=1e-37)
+    assert torch.equal(u_native, g.U_buf)
+    torch.testing.assert_close(wg_native, wg_torch, rtol=1e-5, atol=1e-30)
+    if exact is not None:
+        assert bool((r_native[exact] == 0).all())
+        torch.testing.assert_close(log_native, log_torch, rtol=1e-5, atol=1e-4)
+
+
+def test_row_weights_refuse_what_does_not_fit():
+    T, O, n = 3, 2, 5
+    t = lambda *shape: torch.zeros(*shape)  # noqa: E731
+    args = dict(beta=t(T, T, O, n), kappa=t(O, T, T), m=t(T, T, O, n), mu=t(T, T, O), M=t(T, T, T, O, n),
+                delta=t(T, O, n), clspos=t(T, O), U=t(T, T, O, n), exact=None, pos=torch.arange(T),
+                r=t(T, T, O, n), logr=None, Ubuf=t(T, T, O, n), wg=t(T, O), floor=EXP_FLOOR)
+    with pytest.raises(ValueError, match=r"row_weights: mu is \(3, 3\)"):
+        native_kernels.row_weights(**{**args, "mu": t(T, T)})
+    with pytest.raises(ValueError, match="row_weights: pos is torch.int32"):
+        native_kernels.row_weights(**{**args, "pos": torch.arange(T, dtype=torch.int32)})
+    with pytest.raises(ValueError, match="row_weights: exact is"):
+        native_kernels.row_weights(**{**args, "exact": torch.zeros(T, T, O, n)})

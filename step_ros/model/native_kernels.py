@@ -1,5 +1,5 @@
-"""step_ros's compiled CPU kernels for the fast STEP engine (:mod:`.fast_step`): the two places
-where no library call does what the engine needs at memory or FMA speed.
+"""step_ros's compiled CPU kernels for the fast STEP engine (:mod:`.fast_step`): the places where
+no library call does what the engine needs at memory or FMA speed.
 
 * ``step_create_blocks``, per new frame (the ``native`` kernel set of :mod:`.fast_kernels`): the
   ``2T - 1`` new ``n x n`` content blocks of every attention head, fused.  Six query rows at a

@@ -557,13 +557,14 @@ class FastStepRunner:
     every other head runs its normal forward on the window.  Caches are keyed by frame id and
     hold at most ``T`` frames (the oldest is evicted when a frame arrives into a full cache).
 
-    ``kernels``: who runs the block creation and the pass over the blocks
+    ``kernels``: who runs the projection, the block creation and the pass over the blocks
     (:mod:`~step_ros.model.fast_kernels`): ``onnxruntime`` (MLAS, CPU; float32 blocks), ``torch``
-    (any device), ``native`` (step_ros's compiled, fused block creation; CPU) or ``auto``:
-    PyTorch off the CPU and for frames under
-    :data:`~step_ros.model.fast_kernels.AUTO_MIN_TOKENS` tokens, otherwise whichever is fastest
-    on this machine, timed once at the first frame (:attr:`kernel_timings`).  Same numbers to
-    float32 rounding either way.
+    (any device), ``native`` (step_ros's compiled, fused block creation and row weights, with the
+    AMX tile unit for bfloat16 blocks where the CPU has one; CPU) or ``auto``: PyTorch off the
+    CPU and for frames under :data:`~step_ros.model.fast_kernels.AUTO_MIN_TOKENS` tokens,
+    otherwise whichever is fastest on this machine, timed once at the first frame
+    (:attr:`kernel_timings`).  Same numbers to float32 rounding either way (with bfloat16
+    blocks: within the bound of the module docstring, "Block storage").
 
     ``block_dtype``: ``float32`` (exact to float32 rounding) or ``bfloat16`` (half the cache and
     a faster pass over it; each attention weight within a relative ``2^-8`` of the exact one:
@@ -632,8 +633,9 @@ class FastStepRunner:
 
     @property
     def kernels(self) -> str:
-        """``torch`` or ``onnxruntime``; ``auto`` until the first frame sets the token count and
-        the choice is made (measured where either could win); ``none`` without fast heads."""
+        """``torch``, ``onnxruntime`` or ``native``; ``auto`` until the first frame sets the token
+        count and the choice is made (measured where more than one could win); ``none`` without
+        fast heads."""
         return self.groups[0].kernels_name if self.groups else "none"
 
     @property

@@ -725,6 +725,7 @@ void step_create_blocks(const float *a, const float *bT, const float *Ut, void *
                         int amx, float floor, int threads) {
   const long jobs = 2 * T * O;
   const size_t es = bf16 ? 2 : 4;
+  (void)amx; /* without AMX compiled in */
 #if STEP_AMX
   if (amx && bf16 && T <= 16) { /* one job per attention head: its 2T - 1 blocks */
     const amx_dims z = amx_dims_of(n, d, T);
@@ -755,6 +756,7 @@ void step_create_blocks(const float *a, const float *bT, const float *Ut, void *
   {
     float stripe[6 * ((n + 63) / 64 * 64)];
     float qpad[6 * d];
+    (void)qpad; /* the AVX-512 path's */
 #pragma omp for schedule(dynamic, 1)
     for (long i = 0; i < jobs; ++i) {
       const long s = i / (2 * O), col = (i / O) % 2, o = i % O;

@@ -250,6 +250,7 @@ class OnnxRuntimeKernels:
     tensors (I/O binding: inputs read in place, outputs written into the block cache)."""
 
     name = "onnxruntime"
+    fused_weights = False  #: the prediction's row weights: PyTorch's (see :class:`TorchKernels`)
 
     def __init__(self, group: _StepGroup, threads: int | None = None) -> None:
         import onnxruntime as ort

@@ -414,7 +414,7 @@ class _StepGroup:
         """
         K, H, T, n = self.K, self.H, self.T, self.n
         exact = self.exact.nonzero(as_tuple=True) if self.exact_count else None
-        if getattr(self.kernels, "fused_weights", False):
+        if self.kernels.fused_weights:
             log_r_exact, wg = self._row_weights_native(pos, exact)
         else:
             log_r_exact, wg = self._row_weights_torch(pos, exact)
@@ -442,18 +442,14 @@ class _StepGroup:
         """Every cached row's weight ``r'`` into :attr:`r_buf` (0 for exact rows) and ``U`` at the
         query's position into :attr:`U_buf`; returns the exact rows' ``log r'`` (None without
         any) and the CLS key's column weight ``(K, H)``."""
-        K, H, T, n = self.K, self.H, self.T, self.n
         # per (G, F) block quantities at the current positions, all (G, F, K, H[, n]), into
         # preallocated buffers (fresh multi-MB temporaries cost page faults every prediction)
         big, M, U, t = self.big_buf, self.M_buf, self.U_buf, self.t_buf
         torch.index_select(self.beta, 1, pos, out=big)  # beta^G[P_F]
-        torch.index_select(self.M.view(T**3, K, H, n), 0, (self._gf_T + pos[:, None]).view(-1),
-                           out=M.view(T * T, K, H, n))  # M^{GF}[P_G]
+        self._M_at(pos, exact)  # M^{GF}[P_G], into M
         torch.index_select(self.U, 0, pos, out=U)  # U^F[:, P_G]
         kappa = self.kappa[:, :, pos][:, :, :, pos].permute(2, 3, 0, 1)  # kappa[P_G, P_F]
         mu = self.mu[pos]  # mu^F[P_G]
-        if exact is not None:  # their normaliser terms, in the log domain
-            M[exact] = self._exact_lse(exact, pos)
         # Row j of block (G, F) adds exp(big + M) to Z_j; big holds the large terms.  log Z_j
         # is kept as ref + small and never added up: ref is one of the row's big values (or
         # the CLS key's score), so big - ref is exact for the terms that matter and every later
@@ -476,17 +472,21 @@ class _StepGroup:
             self.r_buf[exact] = 0.0  # their E rows hold S - m: kept out of the GEMV
         return log_r_exact, floored_exp_(cls_key - small).sum((0, 3))  # (K, H): CLS key column
 
+    def _M_at(self, pos: torch.Tensor, exact: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+        """:attr:`M_buf` = ``M^{GF}[P_G]`` for every (G, F) block, exact rows' terms in the log domain."""
+        K, H, T, n = self.K, self.H, self.T, self.n
+        M = self.M_buf
+        torch.index_select(self.M.view(T**3, K, H, n), 0, (self._gf_T + pos[:, None]).view(-1),
+                           out=M.view(T * T, K, H, n))
+        if exact is not None:
+            M[exact] = self._exact_lse(exact, pos)
+        return M
+
     def _row_weights_native(self, pos: torch.Tensor, exact: tuple[torch.Tensor, ...] | None
                             ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """:meth:`_row_weights_torch` in one compiled pass (``step_row_weights``): the same
         arithmetic, each (query slot, attention head)'s rows kept in L1 through it."""
-        K, H, T, n = self.K, self.H, self.T, self.n
-        M = self.M
-        if exact is not None:  # their normaliser terms, in the log domain, into M at the query's position
-            M = self.M_buf
-            torch.index_select(self.M.view(T**3, K, H, n), 0, (self._gf_T + pos[:, None]).view(-1),
-                               out=M.view(T * T, K, H, n))
-            M[exact] = self._exact_lse(exact, pos)
+        M = self.M if exact is None else self._M_at(pos, exact)  # the kernel takes M at P_G itself
         row_weights(self.beta, self.kappa, self.m, self.mu, M, self.delta, self.cls_key_pos, self.U,
                     None if exact is None else self.exact, pos, self.r_buf, None if exact is None else self.big_buf,
                     self.U_buf, self.wg_buf, EXP_FLOOR)

@@ -263,6 +263,32 @@ static inline __m512 log512(__m512 x) { /* Cephes' logf, 16 lanes: x > 0 (0 give
 
 static inline __mmask16 lanes(long left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
 
+static inline float row_max(const float *row, long n) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (long l = 0; l < n; l += 16) mx = _mm512_mask_max_ps(mx, lanes(n - l), mx, _mm512_loadu_ps(row + l));
+  return _mm512_reduce_max_ps(mx);
+}
+
+/* float32 bits rounded to nearest even at bit 16: the bfloat16 is the top half (finite inputs) */
+static inline __m512i bf16_round(__m512i u) {
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+}
+
+/* M = log(E u) of rows j0 .. j0 + R - 1 (eu: one register per row, lanes = positions): stored
+   transposed (M[P, j]), with each row's minimum over the positions. */
+static void store_log_rows(const __m512 *eu, long R, long T, const block_job *jb, long j0) {
+  const __mmask16 tm = lanes(T);
+  float lg[16][16];
+  for (long r = 0; r < R; ++r) {
+    const __m512 v = log512(_mm512_mask_mov_ps(_mm512_set1_ps(1.0f), tm, eu[r]));
+    _mm512_storeu_ps(lg[r], v);
+    jb->low[j0 + r] = _mm512_mask_reduce_min_ps(tm, v);
+  }
+  for (long P = 0; P < T; ++P)
+    for (long r = 0; r < R; ++r) jb->M[P * jb->stride + j0 + r] = lg[r][P];
+}
+
 #define ROWS 6
 /* One block with AVX-512 (T <= 16): six query rows at a time, their n scores in an L1 stripe
    (6 x 64 register tiles), then the row max, exp, store, E u and its log while the stripe is hot. */
@@ -302,9 +328,7 @@ static void create_avx512(const block_job *jb, long n, long d, long T, int bf16,
     }
     for (long r = 0; r < R; ++r) {
       float *row = stripe + r * np;
-      __m512 mx = _mm512_set1_ps(-INFINITY);
-      for (long l = 0; l < n; l += 16) mx = _mm512_mask_max_ps(mx, lanes(n - l), mx, _mm512_loadu_ps(row + l));
-      const float m = _mm512_reduce_max_ps(mx);
+      const float m = row_max(row, n);
       jb->m[j0 + r] = m;
       const __m512 mv = _mm512_set1_ps(m), fl = _mm512_set1_ps(floor);
       for (long l = 0; l < n; l += 16) {
@@ -312,10 +336,7 @@ static void create_avx512(const block_job *jb, long n, long d, long T, int bf16,
         const __m512 e = exp512(_mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(row + l), mv), fl));
         _mm512_mask_storeu_ps(row + l, lm, e);
         if (bf16) {
-          __m512i u = _mm512_castps_si512(e);
-          const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-          u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
-          const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+          const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_round(_mm512_castps_si512(e)), 16));
           uint16_t *dst = (uint16_t *)jb->e + (j0 + r) * n + l;
           if (stream) _mm256_stream_si256((__m256i *)dst, h);
           else _mm256_mask_storeu_epi16(dst, lm, h);
@@ -332,14 +353,7 @@ static void create_avx512(const block_job *jb, long n, long d, long T, int bf16,
       const __m512 uv = _mm512_maskz_loadu_ps(tm, jb->u + l * T);
       for (int r = 0; r < ROWS; ++r) eu[r] = _mm512_fmadd_ps(_mm512_set1_ps(stripe[r * np + l]), uv, eu[r]);
     }
-    float lg[ROWS][16]; /* M = log(E u), stored transposed: M[P, j] */
-    for (long r = 0; r < R; ++r) {
-      const __m512 v = log512(_mm512_mask_mov_ps(_mm512_set1_ps(1.0f), tm, eu[r]));
-      _mm512_storeu_ps(lg[r], v);
-      jb->low[j0 + r] = _mm512_mask_reduce_min_ps(tm, v);
-    }
-    for (long P = 0; P < T; ++P)
-      for (long r = 0; r < R; ++r) jb->M[P * jb->stride + j0 + r] = lg[r][P];
+    store_log_rows(eu, R, T, jb, j0);
   }
 }
 #endif
@@ -377,15 +391,14 @@ static void amx_configure(void) {
 
 /* hi and lo halves of 16 floats, as the top 16 bits of 32-bit lanes (round to nearest even). */
 static inline void split16(__m512 x, __m512i *hi, __m512i *lo) {
-  const __m512i mask = _mm512_set1_epi32((int)0xFFFF0000u), half = _mm512_set1_epi32(0x7FFF);
-  __m512i u = _mm512_castps_si512(x);
-  u = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16),
-                                                                                   _mm512_set1_epi32(1)))), mask);
-  __m512i v = _mm512_castps_si512(_mm512_sub_ps(x, _mm512_castsi512_ps(u)));
-  v = _mm512_and_si512(_mm512_add_epi32(v, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(v, 16),
-                                                                                   _mm512_set1_epi32(1)))), mask);
-  *hi = u;
-  *lo = v;
+  const __m512i mask = _mm512_set1_epi32((int)0xFFFF0000u);
+  *hi = _mm512_and_si512(bf16_round(_mm512_castps_si512(x)), mask);
+  *lo = _mm512_and_si512(bf16_round(_mm512_castps_si512(_mm512_sub_ps(x, _mm512_castsi512_ps(*hi)))), mask);
+}
+
+/* Two rows' halves (top 16 bits of each lane) interleaved as the tile unit's pairs: [row0, row1]. */
+static inline __m512i pair16(__m512i row0, __m512i row1) {
+  return _mm512_or_si512(row1, _mm512_srli_epi32(row0, 16));
 }
 
 /* q (n, d) float32 -> qh, ql (n16, dp) bfloat16 rows; rows and columns past n, d are zero. */
@@ -405,7 +418,6 @@ static void amx_pack_q(const float *q, long n, long d, long n16, long dp, uint16
 
 /* key (d, n) float32 -> kh, kl in the tile unit's pair layout (dp / 2, np, 2): [k/2][l][k%2]. */
 static void amx_pack_key(const float *key, long n, long d, long np, long dp, uint16_t *kh, uint16_t *kl) {
-  const __m512i low16 = _mm512_set1_epi32(0xFFFF);
   for (long kp = 0; kp < dp / 2; ++kp)
     for (long l = 0; l < np; l += 16) {
       const __mmask16 m = l < n ? lanes(n - l) : 0;
@@ -415,17 +427,14 @@ static void amx_pack_key(const float *key, long n, long d, long np, long dp, uin
       __m512i h0, l0, h1, l1;
       split16(x0, &h0, &l0);
       split16(x1, &h1, &l1);
-      _mm512_storeu_si512(kh + (kp * np + l) * 2,
-                          _mm512_or_si512(h1, _mm512_and_si512(_mm512_srli_epi32(h0, 16), low16)));
-      _mm512_storeu_si512(kl + (kp * np + l) * 2,
-                          _mm512_or_si512(l1, _mm512_and_si512(_mm512_srli_epi32(l0, 16), low16)));
+      _mm512_storeu_si512(kh + (kp * np + l) * 2, pair16(h0, h1));
+      _mm512_storeu_si512(kl + (kp * np + l) * 2, pair16(l0, l1));
     }
 }
 
 /* u (n, T) float32 -> uh, ul in the pair layout (np / 2, 16, 2), T <= 16; rows past n and columns
    past T are zero. */
 static void amx_pack_u(const float *u, long n, long T, long np, uint16_t *uh, uint16_t *ul) {
-  const __m512i low16 = _mm512_set1_epi32(0xFFFF);
   const __mmask16 tm = lanes(T);
   for (long lp = 0; lp < np / 2; ++lp) {
     const long l0 = 2 * lp, l1 = 2 * lp + 1;
@@ -434,8 +443,8 @@ static void amx_pack_u(const float *u, long n, long T, long np, uint16_t *uh, ui
     __m512i h0, lo0, h1, lo1;
     split16(x0, &h0, &lo0);
     split16(x1, &h1, &lo1);
-    _mm512_storeu_si512(uh + lp * 32, _mm512_or_si512(h1, _mm512_and_si512(_mm512_srli_epi32(h0, 16), low16)));
-    _mm512_storeu_si512(ul + lp * 32, _mm512_or_si512(lo1, _mm512_and_si512(_mm512_srli_epi32(lo0, 16), low16)));
+    _mm512_storeu_si512(uh + lp * 32, pair16(h0, h1));
+    _mm512_storeu_si512(ul + lp * 32, pair16(lo0, lo1));
   }
 }
 
@@ -457,6 +466,10 @@ static amx_dims amx_dims_of(long n, long d, long T) {
 /* bfloat16 elements of one operand set */
 static long amx_operand_elems(amx_dims z) { return 2 * z.n16 * z.dp + 2 * z.dp * z.np + 2 * z.np * 16; }
 
+/* floats of amx_block's work area: the S stripe (AMX_ROWS x np), E u (AMX_ROWS x 16), E's two
+   pieces (2 x AMX_ROWS x np bfloat16) */
+static long amx_work_floats(amx_dims z) { return AMX_ROWS * z.np + AMX_ROWS * 16 + AMX_ROWS * z.np; }
+
 static amx_operands amx_operands_at(uint16_t *base, amx_dims z) {
   amx_operands o;
   o.qh = base;
@@ -473,14 +486,12 @@ static amx_operands amx_operands_at(uint16_t *base, amx_dims z) {
    bfloat16 (non-temporal), whose rounding is the split's hi part, so E's hi and lo parts go to
    two small tiles as they are made; E u by the tile unit again, three-piece (all its terms are
    positive: within 3 * 2^-18 relative, plus float32 accumulation), and its log.
-   q: the query operand's qh/ql, k: the key operand's kh/kl and uh/ul.  work: AMX_ROWS * np floats
-   + AMX_ROWS * 16 floats + 2 * AMX_ROWS * np bfloat16. */
+   q: the query operand's qh/ql, k: the key operand's kh/kl and uh/ul; work: amx_work_floats. */
 static void amx_block(const amx_operands *q, const amx_operands *k, const block_job *jb, amx_dims z, float floor,
                       float *work) {
   const long n = z.n, np = z.np, dp = z.dp, T = z.T;
   float *stripe = work, *eu = stripe + AMX_ROWS * np;
   uint16_t *eh = (uint16_t *)(eu + AMX_ROWS * 16), *el = eh + AMX_ROWS * np;
-  const __mmask16 tm = lanes(T);
   const int stream = n % 32 == 0 && (uintptr_t)jb->e % 64 == 0;
   const __m512 fl = _mm512_set1_ps(floor);
   for (long j0 = 0; j0 < n; j0 += AMX_ROWS) {
@@ -511,9 +522,7 @@ static void amx_block(const amx_operands *q, const amx_operands *k, const block_
     }
     for (long r = 0; r < R; ++r) {
       const float *row = stripe + r * np;
-      __m512 mx = _mm512_set1_ps(-INFINITY);
-      for (long l = 0; l < n; l += 16) mx = _mm512_mask_max_ps(mx, lanes(n - l), mx, _mm512_loadu_ps(row + l));
-      const float m = _mm512_reduce_max_ps(mx);
+      const float m = row_max(row, n);
       jb->m[j0 + r] = m;
       const __m512 mv = _mm512_set1_ps(m);
       uint16_t *dst = (uint16_t *)jb->e + (j0 + r) * n;
@@ -545,20 +554,15 @@ static void amx_block(const amx_operands *q, const amx_operands *k, const block_
       _tile_dpbf16ps(0, 2, 4);
     }
     _tile_stored(0, eu, 64);
-    float lg[AMX_ROWS][16];
-    for (long r = 0; r < R; ++r) {
-      const __m512 v = log512(_mm512_mask_mov_ps(_mm512_set1_ps(1.0f), tm, _mm512_loadu_ps(eu + r * 16)));
-      _mm512_storeu_ps(lg[r], v);
-      jb->low[j0 + r] = _mm512_mask_reduce_min_ps(tm, v);
-    }
-    for (long P = 0; P < T; ++P)
-      for (long r = 0; r < R; ++r) jb->M[P * jb->stride + j0 + r] = lg[r][P];
+    __m512 rows[AMX_ROWS];
+    for (long r = 0; r < R; ++r) rows[r] = _mm512_loadu_ps(eu + r * 16);
+    store_log_rows(rows, R, T, jb, j0);
   }
 }
 
 static long amx_scratch_floats(long n, long d, long T) {
   const amx_dims z = amx_dims_of(n, d, T);
-  return AMX_ROWS * z.np + AMX_ROWS * 16 + AMX_ROWS * z.np + 2 * amx_operand_elems(z) / 2 + 64;
+  return amx_work_floats(z) + amx_operand_elems(z) + 64; /* two operand sets of bfloat16; 64: alignment */
 }
 
 /* Every new block of attention head o of the frame in slot x (see step_create_blocks): the new
@@ -568,7 +572,7 @@ static void create_amx_head(const float *a, const float *bT, const float *Ut, vo
                             float *scratch) {
   const long n = z.n, d = z.d, T = z.T;
   float *work = scratch;
-  uint16_t *ops = (uint16_t *)(work + AMX_ROWS * z.np + AMX_ROWS * 16 + AMX_ROWS * z.np);
+  uint16_t *ops = (uint16_t *)(work + amx_work_floats(z));
   const uintptr_t al = ((uintptr_t)ops + 63) & ~(uintptr_t)63;
   ops = (uint16_t *)al;
   amx_operands nx = amx_operands_at(ops, z), other = amx_operands_at(ops + amx_operand_elems(z), z);

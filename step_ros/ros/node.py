@@ -179,7 +179,7 @@ _PARAMETERS: list[tuple[str, Any, str, dict[str, Any]]] = [
                              "(on the CPU with >= 128 tokens per frame: those that run here timed at the first frame, "
                              "the fastest kept; else torch); same numbers", {}),
     ("head_block_dtype", "float32", "how the fast engine stores its attention blocks: float32 (exact to float32 "
-                                    "rounding) | bfloat16 (half the memory, 1.3x faster heads on a CPU; every "
+                                    "rounding) | bfloat16 (half the memory, 1.3-1.65x faster heads on a CPU; every "
                                     "attention weight within 0.4 % of the exact one; kernels torch, native or auto)", {}),
     ("sampling", "auto", "how camera frames are sampled into the window: time (by header stamps, every "
                          "sample_period_s of the manifest, the frame nearest each sample time) | frames (every "

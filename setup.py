@@ -31,6 +31,7 @@ setup(
         "rosbags>=0.10",
         "packaging>=21",
         "psutil>=5.9",  # bench --suite data: memory of the process tree
+        "scipy>=1.9",  # diff-eval over training runs: Student t quantiles
     ],
     extras_require={
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],

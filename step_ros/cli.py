@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
 MODULE_COMMANDS: list[tuple[str, str, str]] = [
     ("record", ".bags.record", "turn an annotated video set into a rosbag2 (MCAP or sqlite3) with ground truth"),
     ("diff-eval", ".training.paired",
-     "is evaluation B better than A, or noise? paired over the same test clips, with a 95 percent interval"),
+     "is evaluation B better than A, or noise? paired over the same test clips, or over several training runs "
+     "of each recipe (--vs), with a 95 percent interval"),
     ("replay-eval", ".bags.replay", "run the node's pipeline offline over a bag and score it against ground truth"),
     ("play", ".bags.play", "publish a bag's images on their topics in real time (ROS 2)"),
     ("soak", ".ros.soak", "soak benchmark: thousands of frames through the live node over DDS"),

@@ -321,12 +321,13 @@ def plot_run_comparison(result: dict, path: str | Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("a", type=Path, nargs="+",
+    parser.add_argument("a", type=Path, nargs="+", metavar="A",
                         help="evaluation A and evaluation B (`evaluate --out` folders or their predictions.json); "
                              "with --vs: the evaluations of recipe A's training runs")
     parser.add_argument("--vs", type=Path, nargs="+", default=None, metavar="B",
-                        help="the evaluations of recipe B's training runs (each side two or more runs, every one "
-                             "on the same test clips): the interval then covers the training runs, not only the clips")
+                        help="after A's: the evaluations of recipe B's training runs (each side two or more runs, "
+                             "every one on the same test clips): the interval then covers the training runs, not only "
+                             "the clips")
     parser.add_argument("--margin", type=float, default=1.0,
                         help="points within which A and B count as equivalent (the verdict column)")
     parser.add_argument("--out", type=Path, default=None,

@@ -158,13 +158,11 @@ def _per_cell(paths: list[str | Path], compare) -> dict:
     aligned, matched_by = _align([(n, load_predictions(n)) for n in names])
     tasks, contexts = _tasks_and_contexts(aligned, names)
     first = aligned[0]
+    keep = {ctx: np.array([ctx == "all" or x.get("context") == ctx for x in first]) for ctx in contexts}
     results: dict[str, dict[str, dict]] = {}
     for task in tasks:
         correct = np.array([[r[task]["pred"] == r[task]["true"] for r in rows] for rows in aligned])
-        results[task] = {}
-        for ctx in contexts:
-            keep = np.array([ctx == "all" or x.get("context") == ctx for x in first])
-            results[task][ctx] = compare(correct[:, keep])
+        results[task] = {ctx: compare(correct[:, mask]) for ctx, mask in keep.items()}
     return {"clips": len(first), "matched_by": matched_by,
             "clips_per_context": dict(Counter(str(x.get("context") or "-") for x in first)), "tasks": results}
 
